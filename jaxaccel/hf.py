@@ -1,0 +1,267 @@
+"""Hugging Face model directories <-> jaxaccel models.
+
+A model directory holds `config.json`, `*.safetensors` (one file, or shards listed in
+`model.safetensors.index.json`) and `tokenizer.json`. Our module names follow the Hugging Face
+ones, so a parameter's checkpoint name is derived from its path (`hf_name`); loading walks our
+parameters and takes each one's tensor, so a missing, misshapen or unexpected tensor is named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxaccel.config import ModelConfig, RopeScaling
+from jaxaccel.model import Transformer
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+# Tensors some exporters write that carry no weights of ours.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class ModelDirectoryError(ValueError):
+    """The path is not a usable model directory (missing files, unknown architecture, bad tensors)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """Our ModelConfig from a Hugging Face config dict (transformers 4 or 5 layout)."""
+    family = hf.get("model_type")
+    if family not in ARCHITECTURES:
+        arch = hf.get("architectures") or [family]
+        raise ModelDirectoryError(f"unsupported architecture {arch[0]!r} (model_type {family!r}); "
+                                  f"supported: {sorted(ARCHITECTURES.values())}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ModelDirectoryError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu' is implemented")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_kind = rope.get("rope_type", rope.get("type", "default"))
+    if rope_kind == "default":
+        scaling = None
+    elif rope_kind == "linear":
+        scaling = RopeScaling(kind="linear", factor=rope["factor"])
+    elif rope_kind == "llama3":
+        scaling = RopeScaling(kind="llama3", factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                              high_freq_factor=rope["high_freq_factor"],
+                              original_max_position=rope["original_max_position_embeddings"])
+    else:
+        raise ModelDirectoryError(f"unsupported rope_type {rope_kind!r}; supported: default, linear, llama3")
+    bias = bool(hf.get("attention_bias", False))
+    sliding_window = hf.get("sliding_window") if family == "mistral" else None
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise ModelDirectoryError(f"{family} with use_sliding_window=true (per-layer windows) is not supported")
+    eos = hf.get("eos_token_id")
+    fields = dict(
+        family=family,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=hf["max_position_embeddings"],
+        rope_theta=float(rope_theta),
+        rope_scaling=scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=True if family == "qwen2" else bias,
+        o_bias=bias if family in ("llama", "qwen3") else False,
+        mlp_bias=bool(hf.get("mlp_bias", False)) if family == "llama" else False,
+        qk_norm=family == "qwen3",
+        sliding_window=sliding_window,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+    )
+    return ModelConfig(**fields).replace(**overrides)
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A Hugging Face config dict for `config`; raises if the family cannot express it."""
+    family = config.family
+    expected = {
+        "llama": dict(qk_norm=False, o_bias=config.qkv_bias, sliding_window=None),
+        "qwen2": dict(qk_norm=False, qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=None),
+        "qwen3": dict(qk_norm=True, o_bias=config.qkv_bias, mlp_bias=False, sliding_window=None),
+        "mistral": dict(qk_norm=False, qkv_bias=False, o_bias=False, mlp_bias=False),
+    }[family]
+    wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
+    if wrong:
+        raise ValueError(f"a {family} checkpoint cannot express {wrong}")
+    s = config.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if s is not None:
+        rope = {"rope_type": s.kind, "factor": s.factor, "rope_theta": config.rope_theta}
+        if s.kind == "llama3":
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                        original_max_position_embeddings=s.original_max_position)
+    hf = {
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.resolved_head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta,  # transformers 4 reads these two,
+        "rope_scaling": None if s is None else rope,
+        "rope_parameters": rope,  # transformers 5 this one
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "torch_dtype": config.param_dtype,
+    }
+    if family in ("llama", "qwen3"):
+        hf["attention_bias"] = config.qkv_bias
+    if family == "llama":
+        hf["mlp_bias"] = config.mlp_bias
+    if family == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    if family in ("qwen2", "qwen3"):
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """Checkpoint name of one of our parameters, and whether it is stored transposed ([out, in])."""
+    *module, leaf = (str(p) for p in path)
+    prefix = "" if module[0] == "lm_head" else "model."
+    suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
+    return f"{prefix}{'.'.join(module)}.{suffix}", leaf == "kernel"
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Which file holds each tensor."""
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelDirectoryError(f"{path} holds no *.safetensors weights")
+    where = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            where.update({name: file for name in f.keys()})
+    return where
+
+
+def _read_tensor(file: Path, name: str) -> jax.Array:
+    with safe_open(file, framework="flax") as f:  # flax: keeps bfloat16 as is
+        return f.get_tensor(name)
+
+
+def load_hf(path: str | os.PathLike, dtype: str = "float32", **overrides: Any) -> Transformer:
+    """Loads a Llama / Qwen2 / Qwen3 / Mistral model directory as a Transformer.
+
+    `dtype` is the parameter and activation dtype; `overrides` change other config fields
+    (e.g. attention_impl="pallas").
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelDirectoryError(f"{path} is not a model directory: it has no config.json")
+    config = config_from_hf(json.loads(config_file.read_text()), dtype=dtype, param_dtype=dtype, **overrides)
+    where = _tensor_files(path)
+
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    used = set()
+    leaves = []
+    for param_path, variable in flat:
+        name, transposed = hf_name(param_path)
+        if name not in where:
+            raise ModelDirectoryError(f"{path} is missing tensor {name!r}")
+        tensor = _read_tensor(where[name], name)
+        if transposed:
+            tensor = tensor.T
+        if tensor.shape != variable.shape:
+            shape = tensor.T.shape if transposed else tensor.shape
+            expected = variable.shape[::-1] if transposed else variable.shape
+            raise ModelDirectoryError(f"tensor {name!r} in {path} has shape {tuple(shape)}, "
+                                      f"expected {tuple(expected)} for this config.json")
+        leaves.append(variable.replace(jnp.asarray(tensor, jnp.dtype(dtype))))
+        used.add(name)
+    unexpected = sorted(n for n in set(where) - used
+                        if not n.endswith(IGNORED_SUFFIXES) and not (config.tie_embeddings and n == "lm_head.weight"))
+    if unexpected:
+        raise ModelDirectoryError(f"{path} holds tensors this config.json does not use: {unexpected[:8]}")
+    state = nnx.from_flat_state([(p, leaf) for (p, _), leaf in zip(flat, leaves)])
+    return nnx.merge(graphdef, state)
+
+
+def save_hf(model: Transformer, path: str | os.PathLike, tokenizer=None,
+            max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Writes `model` (and a `tokenizers.Tokenizer`) as a model directory that transformers loads.
+
+    Each file is written to a temporary name and renamed, so an interrupted save never leaves a
+    half-written file under a real name.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transposed = hf_name(param_path)
+        value = np.asarray(jax.device_get(variable[...]))
+        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        if current and size + tensors[name].nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += tensors[name].nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _atomic(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {t: n for n, shard in zip(names, shards) for t in shard}}
+        _atomic(path / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_to_hf(model.config), indent=2)))
+    if tokenizer is not None:
+        _atomic(path / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
+        tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        if model.config.eos_token_id is not None:
+            tok_config["eos_token"] = tokenizer.id_to_token(model.config.eos_token_id)
+        _atomic(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(tok_config, indent=2)))
+    return path
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(str(tmp))
+    os.replace(tmp, target)

@@ -1,0 +1,90 @@
+"""Grouped-query self-attention with one code path for training, prefill and tree verification.
+
+Without a cache, the n tokens attend among themselves under `mask_bnn`. With a cache, their K/V
+are first written at slots lengths[b].. of the row's cache, then every query attends over the
+whole cache: committed slots (< lengths[b]) are all visible, the new slots follow `mask_bnn`.
+Prefill is a causal mask over an empty cache; decoding one token is n = 1; verifying a token
+tree is n tree tokens under the tree's ancestor mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxaccel.config import ModelConfig
+from jaxaccel.cache import write_rows
+from jaxaccel.layers.linear import dense
+from jaxaccel.layers.norms import RMSNorm
+from jaxaccel.layers.rope import apply_rope, inverse_frequencies
+
+MASKED = -1e30  # finite, so that a fully masked row gives a uniform (unused) result instead of NaN
+
+
+def dot_product_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
+                          visible_bnt: jax.Array) -> jax.Array:
+    """Softmax attention of n queries over t keys with GQA; scores and softmax in float32."""
+    b, n, hq, d = q_bnhd.shape
+    hkv = k_bthd.shape[2]
+    q_bnkgd = q_bnhd.reshape(b, n, hkv, hq // hkv, d)
+    scores = jnp.einsum("bnkgd,btkd->bkgnt", q_bnkgd, k_bthd, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible_bnt[:, None, None], scores * d**-0.5, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bthd.dtype)
+    out_bnkgd = jnp.einsum("bkgnt,btkd->bnkgd", probs, v_bthd)
+    return out_bnkgd.reshape(b, n, hq, d)
+
+
+def visible_keys(mask_bnn: jax.Array, positions_bn: jax.Array, lengths_b: jax.Array | None,
+                 max_len: int | None, sliding_window: int | None) -> jax.Array:
+    """Which keys each query sees: [B, n, n] without a cache, [B, n, T] over a cache of T slots."""
+    if lengths_b is None:
+        visible, key_pos = mask_bnn, positions_bn[:, None, :]
+    else:
+        slot_t = jnp.arange(max_len)
+        offset_bt = slot_t[None, :] - lengths_b[:, None]  # index among the new tokens
+        in_new_bt = (offset_bt >= 0) & (offset_bt < mask_bnn.shape[-1])
+        index_bt = jnp.clip(offset_bt, 0, mask_bnn.shape[-1] - 1)
+        tree_bnt = jnp.take_along_axis(mask_bnn, jnp.broadcast_to(index_bt[:, None, :], mask_bnn.shape[:2] + (max_len,)), axis=2)
+        visible = (offset_bt < 0)[:, None, :] | (in_new_bt[:, None, :] & tree_bnt)
+        key_pos = jnp.where(offset_bt < 0, slot_t[None, :], jnp.take_along_axis(positions_bn, index_bt, axis=1))[:, None, :]
+    if sliding_window is not None:
+        visible = visible & (positions_bn[:, :, None] - key_pos < sliding_window)
+    return visible
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.resolved_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.sliding_window = config.sliding_window
+        self.config = config
+        self.q_proj = dense(config, d, config.num_heads * hd, ("embed", "heads"), config.qkv_bias, rngs)
+        self.k_proj = dense(config, d, config.num_kv_heads * hd, ("embed", "kv_heads"), config.qkv_bias, rngs)
+        self.v_proj = dense(config, d, config.num_kv_heads * hd, ("embed", "kv_heads"), config.qkv_bias, rngs)
+        self.o_proj = dense(config, config.num_heads * hd, d, ("heads", "embed"), config.o_bias, rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, param_dtype=jnp.dtype(config.param_dtype))
+            self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, param_dtype=jnp.dtype(config.param_dtype))
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x_bnd: jax.Array, positions_bn: jax.Array, mask_bnn: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, lengths_b: jax.Array | None = None):
+        """Returns the attention output [B, n, d] and the layer's (keys, values) cache with the new K/V written."""
+        b, n, _ = x_bnd.shape
+        q = self.q_proj(x_bnd).reshape(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x_bnd).reshape(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_bnd).reshape(b, n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = inverse_frequencies(self.config)  # a trace-time constant
+        q = apply_rope(q, positions_bn, inv_freq)
+        k = apply_rope(k, positions_bn, inv_freq)
+        if kv is not None:
+            kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
+            k, v = kv
+        visible = visible_keys(mask_bnn, positions_bn, None if kv is None else lengths_b,
+                               None if kv is None else k.shape[1], self.sliding_window)
+        out = dot_product_attention(q, k, v, visible)
+        return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), kv

@@ -1,0 +1,133 @@
+"""Decoder-only Transformer of the Llama family (Llama, Qwen2, Qwen3, Mistral) in Flax NNX.
+
+One forward pass serves three uses:
+  training  `model(tokens_bt)`: a full causal sequence, no cache;
+  prefill   `model.forward(tokens_bs, cache=empty_cache)`, then `cache.advance(prompt_lengths_b)`;
+  verify    `model.forward(tokens_bn, positions_bn, cache=cache, mask=tree_mask_nn)`: n new tokens
+            per row at given positions with an [n, n] mask among them, attending to the row's
+            cache. Their K/V are written but not committed: `cache.advance` / `cache.keep` decide.
+Module names follow the Hugging Face checkpoints, so the weight key map (jaxaccel.hf) is short.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxaccel.cache import KVCache
+from jaxaccel.config import ModelConfig
+from jaxaccel.layers.attention import Attention
+from jaxaccel.layers.linear import INIT_STD, dense
+from jaxaccel.layers.mlp import MLP
+from jaxaccel.layers.norms import RMSNorm
+
+
+@struct.dataclass
+class ForwardOutput:
+    logits: jax.Array  # [B, n, V] float32
+    hidden: jax.Array  # [B, n, d] last hidden states, after the final norm
+    cache: KVCache | None  # with the new tokens' K/V written, not committed
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        eps, pdt = config.rms_norm_eps, jnp.dtype(config.param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pdt)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pdt)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x_bnd, positions_bn, mask_bnn, kv=None, lengths_b=None):
+        h_bnd, kv = self.self_attn(self.input_layernorm(x_bnd), positions_bn, mask_bnn, kv, lengths_b)
+        x_bnd = x_bnd + h_bnd
+        x_bnd = x_bnd + self.mlp(self.post_attention_layernorm(x_bnd))
+        return x_bnd, kv
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdt = jnp.dtype(config.param_dtype)
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=jnp.dtype(config.dtype), param_dtype=pdt, rngs=rngs,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(INIT_STD), ("vocab", "embed"), eager_sharding=False))
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt)
+        self.lm_head = None if config.tie_embeddings else dense(
+            config, config.hidden_size, config.vocab_size, ("embed", "vocab"), False, rngs)
+
+    def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+        """Training use: logits [B, S, V] of a full causal sequence."""
+        return self.forward(tokens_bt).logits
+
+    def forward(self, tokens_bn: jax.Array, positions_bn: jax.Array | None = None, *,
+                cache: KVCache | None = None, mask: jax.Array | None = None) -> ForwardOutput:
+        """Runs n tokens per row. `positions_bn` default: consecutive after the cache (or from 0).
+        `mask` [n, n] or [B, n, n] (query, key) among the new tokens; default causal."""
+        check_tokens(tokens_bn, self.config.vocab_size)
+        b, n = tokens_bn.shape
+        if cache is not None:
+            check_capacity(cache, n)
+        if positions_bn is None:
+            start_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+            positions_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)
+        if mask is None:
+            mask = jnp.tril(jnp.ones((n, n), bool))
+        mask_bnn = jnp.broadcast_to(mask, (b, n, n))
+        if cache is None and n > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {n} tokens is longer than the model's context "
+                             f"({self.config.max_position_embeddings} positions)")
+
+        x_bnd = self.embed_tokens(tokens_bn)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x_bnd, kv = layer(x_bnd, positions_bn, mask_bnn, kv, None if cache is None else cache.lengths)
+            if kv is not None:
+                keys.append(kv[0])
+                values.append(kv[1])
+        hidden_bnd = self.norm(x_bnd)
+        new_cache = None if cache is None else cache.replace(keys=tuple(keys), values=tuple(values))
+        return ForwardOutput(logits=self.logits(hidden_bnd), hidden=hidden_bnd, cache=new_cache)
+
+    def logits(self, hidden_bnd: jax.Array) -> jax.Array:
+        """The LM head (tied or not), in float32."""
+        if self.lm_head is None:
+            out = self.embed_tokens.attend(hidden_bnd)
+        else:
+            out = self.lm_head(hidden_bnd)
+        return out.astype(jnp.float32)
+
+    def prefill(self, tokens_bs: jax.Array, lengths_b: jax.Array, cache: KVCache) -> ForwardOutput:
+        """Prompts right-padded to S, with true lengths; returns the cache with each prompt committed.
+        Padding K/V are written past each row's length and overwritten later."""
+        out = self.forward(tokens_bs, cache=cache)
+        return out.replace(cache=out.cache.advance(lengths_b))
+
+
+def check_tokens(tokens_bn, vocab_size: int) -> None:
+    """Shape/dtype checks always; range checks when the values are known (outside jit)."""
+    if tokens_bn.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, length], got shape {tuple(tokens_bn.shape)}")
+    if not jnp.issubdtype(tokens_bn.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens_bn.dtype}")
+    if tokens_bn.shape[1] == 0:
+        raise ValueError("tokens must hold at least one token per row")
+    if not isinstance(tokens_bn, jax.core.Tracer):
+        lo, hi = int(np.min(tokens_bn)), int(np.max(tokens_bn))
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
+
+
+def check_capacity(cache: KVCache, n: int) -> None:
+    """n new tokens must fit after every row's committed tokens."""
+    if n > cache.max_len:
+        raise ValueError(f"{n} new tokens do not fit in a cache of {cache.max_len} slots")
+    if not isinstance(cache.lengths, jax.core.Tracer):
+        longest = int(np.max(cache.lengths))
+        if longest + n > cache.max_len:
+            raise ValueError(f"sequence longer than the cache: {longest} cached + {n} new tokens "
+                             f"> {cache.max_len} slots")

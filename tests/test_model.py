@@ -1,0 +1,115 @@
+"""The three uses of the forward pass agree: prefill + tree verify + keep == full causal forward."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxaccel import KVCache, ModelConfig, Transformer
+
+CONFIGS = {
+    "gqa": ModelConfig(vocab_size=61, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, max_position_embeddings=64),
+    "qknorm_window_bias": ModelConfig(vocab_size=61, hidden_size=48, intermediate_size=64, num_layers=2,
+                                      num_heads=6, num_kv_heads=3, qk_norm=True, qkv_bias=True, sliding_window=4,
+                                      max_position_embeddings=64, family="qwen3"),
+}
+
+
+def random_tree(rng, n):
+    """parent[i] < i (or -1: a child of the last committed token); mask[i, j] = j is i or an ancestor."""
+    parent = np.array([rng.integers(-1, i) for i in range(n)])
+    mask = np.eye(n, dtype=bool)
+    depth = np.zeros(n, np.int32)
+    for i in range(n):
+        if parent[i] >= 0:
+            mask[i] |= mask[parent[i]]
+            depth[i] = depth[parent[i]] + 1
+    return parent, mask, depth
+
+
+def last_logits(model, seqs):
+    """Full causal forward of each sequence (one batched call, right-padded): logits at its last token."""
+    width = max(len(s) for s in seqs)
+    batch = np.zeros((len(seqs), width), np.int32)
+    for r, s in enumerate(seqs):
+        batch[r, :len(s)] = s
+    logits = np.asarray(model(batch))
+    return np.stack([logits[r, len(s) - 1] for r, s in enumerate(seqs)])
+
+
+def path_to(parent, i):
+    path = []
+    while i >= 0:
+        path.append(i)
+        i = parent[i]
+    return path[::-1]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_tree_verify_and_keep_match_full_forward(name):
+    config = CONFIGS[name]
+    model = Transformer(config, rngs=nnx.Rngs(7))
+    rng = np.random.default_rng(11)
+    lengths = np.array([5, 9, 2], np.int32)
+    prompts = rng.integers(0, config.vocab_size, (3, 9)).astype(np.int32)
+    n = 7
+    parent, mask, depth = random_tree(rng, n)
+    tree_tokens = rng.integers(0, config.vocab_size, (3, n)).astype(np.int32)
+    positions = (lengths[:, None] + depth[None, :]).astype(np.int32)
+
+    cache = model.prefill(prompts, lengths, KVCache.create(config, 3, 24)).cache
+    out = model.forward(tree_tokens, positions, cache=cache, mask=mask)
+
+    for b in range(3):
+        want = last_logits(model, [np.concatenate([prompts[b, :lengths[b]], tree_tokens[b, path_to(parent, i)]])
+                                   for i in range(n)])
+        np.testing.assert_allclose(np.asarray(out.logits[b]), want, atol=2e-5, rtol=0)
+
+    # Keep a different accepted path per row, then decode one more token on top of it.
+    leaf = [n - 1, int(np.argmax(depth)), 0]
+    paths = [path_to(parent, i) for i in leaf]
+    count = np.array([len(p) for p in paths], np.int32)
+    offsets = np.zeros((3, n), np.int32)
+    for b, p in enumerate(paths):
+        offsets[b, :len(p)] = p
+    kept = out.cache.keep(offsets, count)
+    np.testing.assert_array_equal(np.asarray(kept.lengths), lengths + count)
+    nxt = rng.integers(0, config.vocab_size, (3, 1)).astype(np.int32)
+    step = model.forward(nxt, cache=kept)
+    want = last_logits(model, [np.concatenate([prompts[b, :lengths[b]], tree_tokens[b, paths[b]], nxt[b]])
+                               for b in range(3)])
+    np.testing.assert_allclose(np.asarray(step.logits[:, 0]), want, atol=2e-5, rtol=0)
+
+
+def test_decoding_one_token_at_a_time_matches_full_forward():
+    config = CONFIGS["gqa"]
+    model = Transformer(config, rngs=nnx.Rngs(3))
+    tokens = np.random.default_rng(5).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
+    full = np.asarray(model(tokens))
+    out = model.prefill(tokens[:, :4], np.array([4, 4]), KVCache.create(config, 2, 16))
+    cache, logits = out.cache, [np.asarray(out.logits)]
+    for t in range(4, 12):
+        step = model.forward(tokens[:, t:t + 1], cache=cache)
+        cache = step.cache.advance(np.ones(2, np.int32))
+        logits.append(np.asarray(step.logits))
+    np.testing.assert_allclose(np.concatenate(logits, axis=1), full, atol=2e-5, rtol=0)
+
+
+def test_sequence_longer_than_cache_or_context():
+    config = CONFIGS["gqa"]
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    cache = model.prefill(np.ones((1, 6), np.int32), np.array([6]), KVCache.create(config, 1, 8)).cache
+    with pytest.raises(ValueError, match="sequence longer than the cache: 6 cached \\+ 3 new tokens > 8 slots"):
+        model.forward(np.ones((1, 3), np.int32), cache=cache)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        KVCache.create(config, 1, 65)
+    with pytest.raises(ValueError, match="sequence of 65 tokens is longer than the model's context"):
+        model(np.ones((1, 65), np.int32))
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="num_heads \\(6\\) must be a multiple of num_kv_heads \\(4\\)"):
+        ModelConfig(num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="unknown model config field\\(s\\) \\['hiden_size'\\]"):
+        ModelConfig().replace(hiden_size=3)
+    assert hash(ModelConfig()) == hash(ModelConfig())
