@@ -20,7 +20,8 @@ at step ``s`` holds the state after ``s`` training steps, so training resumes at
 
 On disk (``directory/``)::
 
-    train_metadata.json           run metadata, written once (temp file + rename)
+    train_metadata.json           run metadata: written (temp file + rename) while
+                                  no step is committed, then never rewritten
     <step>/state/                 one committed orbax checkpoint per step
     <step>.orbax-checkpoint-tmp   a save in progress, or one killed mid-way
     <step>.corrupt                a corrupt step moved aside by a fallback
@@ -155,7 +156,7 @@ def _checksum_jnp(x: jax.Array) -> jax.Array:
     idx = jnp.zeros(u.shape, jnp.uint32)
     stride = 1
     for dim in reversed(range(u.ndim)):
-        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, dim) * jnp.uint32(stride)
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, dim) * jnp.uint32(stride % 2**32)
         stride *= u.shape[dim]
     return jnp.sum(u * (idx * 2 + 1), dtype=jnp.uint32)  # wraps mod 2**32
 
@@ -167,7 +168,7 @@ def _checksum_np(x: Any) -> int:
     else:
         word = {1: np.uint8, 2: np.uint16}.get(x.dtype.itemsize, np.uint32)
         u = x.view(word).astype(np.uint32)
-    idx = np.arange(u.size, dtype=np.uint32).reshape(u.shape)
+    idx = (np.arange(u.size, dtype=np.uint64) % 2**32).astype(np.uint32).reshape(u.shape)
     return int(np.sum(u * (idx * np.uint32(2) + np.uint32(1)), dtype=np.uint32))
 
 
@@ -184,7 +185,7 @@ def _checksums(tree: Any) -> dict[str, int]:
     leaves = _named_leaves(tree)
     on_device = {k: v for k, v in leaves.items() if isinstance(v, jax.Array)}
     sums = {k: _checksum_np(v) for k, v in leaves.items() if k not in on_device}
-    values = _checksums_on_device(list(on_device.values()))
+    values = jax.device_get(_checksums_on_device(list(on_device.values())))
     sums.update({k: int(v) for k, v in zip(on_device, values)})
     return sums
 
@@ -436,7 +437,9 @@ def restore_or_init(checkpointer: TrainCheckpointer, init_fn: Callable[[], Any],
     Returns ``(state, start_step)``: the restored state and its step, or
     ``(init_fn(), 0)``. The restore template is ``like`` or, by default,
     ``jax.eval_shape(init_fn)`` (no memory spent); make ``init_fn`` a ``jax.jit``
-    with ``out_shardings`` so that this template carries the shardings.
+    with ``out_shardings`` so that this template carries the shardings. States
+    with numpy or Python leaves need ``like`` (eval_shape turns them into jax
+    types). Corrupt newest steps are handled as in ``restore_latest``.
     """
     if checkpointer.latest_step() is not None:
         template = jax.eval_shape(init_fn) if like is None else like
