@@ -1,0 +1,114 @@
+"""Choosing the accepted path through a verified draft tree.
+
+The base model has scored every tree node in one forward pass: logits_bnv[b, i] is its
+next-token distribution after node i. Starting at the root (the base's own token), the walk
+offers a node's children, in rank order, to the base distribution p there by recursive
+rejection sampling (SpecInfer / EAGLE): a child's token x is a point-mass draft, so it is
+accepted with probability p(x); on rejection x is removed from p and p renormalised, and the
+next sibling is tried. If every child is rejected, the bonus token is drawn from what is left
+of p. The emitted tokens therefore follow the base model's (filtered) distribution exactly,
+whatever the drafts are. At temperature 0 p is one-hot, and this is "accept the child equal
+to the base's argmax" — the output equals greedy decoding token for token.
+
+`TypicalAcceptance` (Medusa) is the explicitly lossy alternative: a child is accepted when
+its base probability clears an entropy-dependent threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxaccel.decoding.sampling import Policy, row_keys
+from jaxaccel.decoding.tree import Tree
+
+
+@struct.dataclass
+class Verdict:
+    path_bd: jax.Array  # [B, depth + 1] nodes root..last accepted, padded by repeating the last
+    num_nodes_b: jax.Array  # [B] accepted nodes, root included = tokens emitted (the bonus replaces the root)
+    bonus_b: jax.Array  # [B] the base model's token after the last accepted node
+
+    def emitted(self, draft_bn: jax.Array) -> jax.Array:
+        """[B, depth + 1] the tokens this step emits: accepted drafts below the root, then the bonus
+        token (entries past num_nodes_b are padding)."""
+        below_root_bd = jnp.take_along_axis(draft_bn, self.path_bd[:, 1:], axis=1)
+        tokens_bd = jnp.concatenate([below_root_bd, self.bonus_b[:, None]], axis=1)
+        slot_d = jnp.arange(tokens_bd.shape[1])
+        return jnp.where(slot_d == self.num_nodes_b[:, None] - 1, self.bonus_b[:, None], tokens_bd)
+
+
+@dataclass(frozen=True)
+class TypicalAcceptance:
+    """Medusa's typical acceptance (lossy): accept a child whose base probability (at
+    `temperature`) exceeds min(epsilon, delta * exp(-entropy)); the bonus token is greedy."""
+
+    epsilon: float = 0.09
+    delta: float = 0.3
+    temperature: float = 0.7
+
+
+def verify_tree(tree: Tree, draft_bn: jax.Array, logits_bnv: jax.Array, policy: Policy | TypicalAcceptance,
+                key: jax.Array) -> Verdict:
+    """Accepts a path through the tree for each row. draft_bn[b, i] is node i's token (node 0 the
+    root); `policy` is the sampling policy whose distribution the output must follow."""
+    if isinstance(policy, TypicalAcceptance):
+        return _typical(tree, draft_bn, logits_bnv, policy)
+    b, n, v = logits_bnv.shape
+    probs_bnv = jax.nn.softmax(policy.filtered_logits(logits_bnv.reshape(b * n, v)), axis=-1).reshape(b, n, v)
+    last_b, bonus_b = jax.vmap(lambda d, p, k: _walk(tree, d, p, k))(draft_bn, probs_bnv, row_keys(key, b))
+    return _verdict(tree, last_b, bonus_b)
+
+
+def _walk(tree: Tree, draft_n: jax.Array, probs_nv: jax.Array, key: jax.Array):
+    """One row's recursive rejection sampling down the tree -> (last accepted node, bonus token)."""
+    children_nc = jnp.asarray(tree.children_nc)
+    width = children_nc.shape[1]
+
+    def offer_child(carry, slot_and_depth):
+        chosen, residual_v, node, stopped = carry
+        slot, depth = slot_and_depth
+        child = children_nc[node, slot]
+        token = draft_n[jnp.maximum(child, 0)]
+        live = (child >= 0) & (chosen < 0) & ~stopped
+        u = jax.random.uniform(jax.random.fold_in(key, depth * width + slot))
+        accept = live & (u < residual_v[token])
+        without_v = residual_v.at[token].set(0.0)
+        residual_v = jnp.where(live & ~accept, without_v / jnp.sum(without_v), residual_v)
+        return (jnp.where(accept, child, chosen), residual_v, node, stopped), None
+
+    def descend(carry, depth):
+        node, residual_v, stopped = carry
+        slots = (jnp.arange(width), jnp.full((width,), depth))
+        (chosen, residual_v, _, _), _ = jax.lax.scan(offer_child, (jnp.int32(-1), residual_v, node, stopped), slots)
+        advanced = chosen >= 0
+        node = jnp.where(advanced, chosen, node)
+        residual_v = jnp.where(advanced, probs_nv[node], residual_v)
+        return (node, residual_v, stopped | ~advanced), None
+
+    init = (jnp.int32(0), probs_nv[0], jnp.bool_(False))
+    (last, residual_v, _), _ = jax.lax.scan(descend, init, jnp.arange(tree.depth))
+    bonus = jax.random.categorical(jax.random.fold_in(key, tree.depth * width), jnp.log(residual_v))
+    return last, bonus.astype(jnp.int32)
+
+
+def _typical(tree: Tree, draft_bn, logits_bnv, rule: TypicalAcceptance) -> Verdict:
+    logp_bnv = jax.nn.log_softmax(logits_bnv.astype(jnp.float32) / rule.temperature, axis=-1)
+    entropy_bn = -jnp.sum(jnp.exp(logp_bnv) * logp_bnv, axis=-1)
+    threshold_bn = jnp.minimum(rule.epsilon, rule.delta * jnp.exp(-entropy_bn))
+    parent_n = jnp.maximum(jnp.asarray(tree.parent_n), 0)
+    # Node i is plausible if its token clears the threshold of its parent's distribution.
+    logp_of_draft_bn = jnp.take_along_axis(logp_bnv[:, parent_n], draft_bn[:, :, None], axis=2)[..., 0]
+    plausible_bn = (jnp.exp(logp_of_draft_bn) > threshold_bn[:, parent_n]).at[:, 0].set(True)
+    accepted_bn = jnp.all(jnp.where(jnp.asarray(tree.mask_nn)[None], plausible_bn[:, None, :], True), axis=-1)
+    last_b = jnp.argmax(jnp.where(accepted_bn, jnp.asarray(tree.depth_n)[None], -1), axis=1).astype(jnp.int32)
+    bonus_b = jnp.argmax(jnp.take_along_axis(logits_bnv, last_b[:, None, None], axis=1)[:, 0], axis=-1)
+    return _verdict(tree, last_b, bonus_b.astype(jnp.int32))
+
+
+def _verdict(tree: Tree, last_b: jax.Array, bonus_b: jax.Array) -> Verdict:
+    return Verdict(path_bd=jnp.asarray(tree.ancestors_nd)[last_b],
+                   num_nodes_b=jnp.asarray(tree.depth_n)[last_b] + 1, bonus_b=bonus_b)
