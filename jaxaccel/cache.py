@@ -31,8 +31,11 @@ class KVCache:
                 f"({config.max_position_embeddings} positions)")
         dtype = jnp.dtype(dtype or config.dtype)
         shape = (batch_size, max_len, config.num_kv_heads, config.resolved_head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(keys=zeros, values=zeros, lengths=jnp.zeros((batch_size,), jnp.int32))
+        # Every layer's keys and values get their own buffer, so that the cache can be donated.
+        def zeros():
+            return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
+        return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch_size,), jnp.int32))
 
     @property
     def max_len(self) -> int:

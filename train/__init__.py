@@ -1,0 +1,1 @@
+"""Training programs (thin: arguments, wiring, progress, results): python -m train.pretrain."""

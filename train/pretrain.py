@@ -1,0 +1,224 @@
+"""Pretrain a base model: `python -m train.pretrain --preset {tiny,small} --out DIR`.
+
+Trains a byte-level BPE tokenizer on the corpus's train split, trains the model with AdamW
+on a device mesh, checkpoints to DIR/checkpoints (rerun the same command to resume),
+validates periodically, evaluates the test split (DIR/eval.json) and exports DIR/model
+(Hugging Face layout). Metrics: DIR/metrics.jsonl and TensorBoard events in DIR/tb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from jaxaccel.config import ModelConfig
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="tiny (tests) or small (default base model)")
+    p.add_argument("--out", required=True, help="run directory (created; rerun to resume)")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="model config override, e.g. --set num_layers=4 hidden_size=320 (repeatable)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: all devices on data)")
+    p.add_argument("--extra-data", action="append", default=[], metavar="DIR",
+                   help="another directory of text files to add to the corpus (repeatable)")
+    p.add_argument("--no-stdlib", action="store_true", help="leave the Python standard library out of the corpus")
+    p.add_argument("--cache-dir", default=None, help="token-stream cache (default DIR/data)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (multi-host; implied by JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-export", action="store_true", help="skip the test-split evaluation and DIR/model export")
+    hp = p.add_argument_group("training (defaults from the preset)")
+    for flag, typ, what in [
+        ("--steps", int, "optimizer updates in total"),
+        ("--seed", int, "init and data-order seed"),
+        ("--checkpoint-every", int, "save a checkpoint every K steps"),
+        ("--keep-checkpoints", int, "keep the newest N checkpoints"),
+        ("--batch-size", int, "sequences per update (global)"),
+        ("--seq-len", int, "tokens per sequence"),
+        ("--accum-steps", int, "gradient-accumulation micro-batches per update"),
+        ("--lr", float, "peak learning rate"),
+        ("--min-lr-ratio", float, "final lr / peak lr of the cosine decay"),
+        ("--warmup-steps", int, "linear warmup steps"),
+        ("--weight-decay", float, "AdamW weight decay"),
+        ("--clip-norm", float, "global gradient-norm clip"),
+        ("--eval-every", int, "validate every N steps (0: never)"),
+        ("--eval-windows", int, "validation windows per evaluation"),
+        ("--test-windows", int, "test windows in the final evaluation (0: the whole split)"),
+    ]:
+        hp.add_argument(flag, type=typ, default=None, help=what)
+    return p.parse_args(argv)
+
+
+def parse_value(raw: str):
+    """Command-line text -> JSON value (numbers, true/false, null, objects) or the string itself."""
+    aliases = {"none": None, "null": None, "true": True, "false": False}
+    if raw.lower() in aliases:
+        return aliases[raw.lower()]
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+          "RopeScaling": (dict,)}
+
+
+def model_overrides(pairs: list[str]) -> dict:
+    """['num_layers=4', ...] -> {'num_layers': 4}; an unknown field or a wrongly typed value is named."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
+        if name not in fields:
+            raise ValueError(f"unknown model config field {name!r} in --set; known fields: {sorted(fields)}")
+        value = parse_value(raw)
+        allowed = tuple(t for part in str(fields[name].type).split("|") for t in _TYPES.get(part.strip(), ()))
+        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            raise ValueError(f"--set {name}: expected {fields[name].type}, got {raw!r}")
+        out[name] = value
+    return out
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    names = ["steps", "seed", "checkpoint_every", "keep_checkpoints", "batch_size", "seq_len", "accum_steps", "lr",
+             "min_lr_ratio", "warmup_steps", "weight_decay", "clip_norm", "eval_every", "eval_windows",
+             "test_windows"]
+    out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if out.get("test_windows") == 0:
+        out["test_windows"] = None
+    return out
+
+
+def maybe_initialize_distributed(flag: bool) -> None:
+    """Multi-host: one process per host, all running the same command (see the README)."""
+    import jax
+
+    if not (flag or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)  # coordinator etc. auto-detected on TPU, SLURM, Open MPI, K8s
+
+
+class Progress:
+    """tqdm bar over steps with loss and tokens/s (tqdm gives the ETA); val results printed above it."""
+
+    def __init__(self, start: int, total: int, tokens_per_step: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, unit="step", disable=not enabled, dynamic_ncols=True,
+                        smoothing=0.05)
+        self.tokens_per_step = tokens_per_step
+        self.first: tuple[int, float] | None = None  # (step, time) of the first finished step: past the compile
+        self.last_step_time = 0.0
+
+    def __call__(self, step: int, metrics: dict) -> dict:
+        now = time.perf_counter()
+        extra = {}
+        if "loss" in metrics:
+            self.last_step_time = now
+            if self.first is None:
+                self.first = (step, now)
+            elif step > self.first[0]:
+                extra["tokens_per_s"] = (step - self.first[0]) * self.tokens_per_step / (now - self.first[1])
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                 tok_s=f"{extra.get('tokens_per_s', 0):.0f}", refresh=False)
+        if "val_loss" in metrics:
+            if self.first is not None:  # evaluation time is not training time
+                self.first = (self.first[0], self.first[1] + now - self.last_step_time)
+            self.bar.write(f"step {step}: val_loss {metrics['val_loss']:.4f}  "
+                           f"val_bits_per_byte {metrics['val_bits_per_byte']:.4f}")
+        return extra
+
+    def close(self):
+        self.bar.close()
+
+
+def one_line(error: BaseException) -> str:
+    """The error as one line of text (an incompatible checkpoint lists every differing field)."""
+    from jaxaccel.checkpoint import IncompatibleCheckpointError
+
+    if isinstance(error, IncompatibleCheckpointError):
+        diffs = "; ".join(f"{k}: checkpoint has {old!r}, this run has {new!r}"
+                          for k, (old, new) in sorted(error.differences.items()))
+        return (f"{error.directory} holds checkpoints of a different configuration ({diffs}); "
+                "nothing was changed: use another --out, or the original settings")
+    return " ".join(str(error).split())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Builds (or resumes) the run, trains, evaluates the test split and exports the model."""
+    import jax
+
+    from jaxaccel.presets import get_preset
+    from jaxaccel.sharding import make_mesh
+    from jaxaccel.training import MetricsLogger, Pretraining
+
+    preset = get_preset(args.preset)
+    model_config = preset.model.replace(**model_overrides([p for group in args.overrides for p in group]))
+    train_config = preset.train.replace(**train_overrides(args))
+    mesh = make_mesh(args.mesh)
+    with Pretraining(model_config, train_config, args.out, mesh=mesh, extra_dirs=args.extra_data,
+                     include_stdlib=not args.no_stdlib, cache_dir=args.cache_dir) as pretraining:
+        main_process = jax.process_index() == 0
+        if main_process:
+            where = f"resuming from step {pretraining.start_step}" if pretraining.start_step else "starting"
+            print(f"{args.preset}: {pretraining.model_config.num_params() / 1e6:.2f}M params, "
+                  f"{pretraining.train_tokens.size / 1e6:.2f}M train tokens, mesh {dict(mesh.shape)}; {where}",
+                  file=sys.stderr)
+        progress = Progress(pretraining.start_step, train_config.steps, pretraining.tokens_per_step,
+                            enabled=main_process and not args.no_progress)
+        with MetricsLogger(args.out, start_step=pretraining.start_step) as metrics:
+            def on_metrics(step, values):
+                extra = progress(step, values)
+                metrics.log(step, {**values, **extra})
+
+            try:
+                pretraining.train(on_metrics)
+            finally:
+                progress.close()
+            if not args.no_export:
+                result = pretraining.final_eval()
+                metrics.log(result["step"], {"test_loss": result["loss"],
+                                             "test_bits_per_byte": result["bits_per_byte"]})
+                path = pretraining.export()
+                if main_process:
+                    print(f"test split: loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte "
+                          f"({result['tokens']} tokens); model exported to {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    maybe_initialize_distributed(args.distributed)
+    from jaxaccel.checkpoint import CorruptCheckpointError
+    from jaxaccel.hf import ModelDirectoryError
+
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, CorruptCheckpointError,
+            ModelDirectoryError) as error:
+        if os.environ.get("JAXACCEL_TRACEBACK"):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
