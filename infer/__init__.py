@@ -1,0 +1,1 @@
+"""Programs: python -m infer.generate | infer.bench (thin wrappers over jaxaccel.decoding)."""

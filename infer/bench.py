@@ -1,0 +1,185 @@
+"""Benchmark: our jitted decode loop vs transformers `generate` vs the weight-streaming floor.
+
+One run, the same weights and prompts for all three, greedy, a fixed number of new tokens
+(no early stop, so both sides do the same work):
+
+    python -m infer.bench --model DIR --max-new-tokens 64 --out runs/bench
+    python -m infer.bench --random-params 250 --out runs/bench_250mb
+
+`--random-params N` builds a random Llama of about N MB of float32 weights (no download) and
+saves it to a temporary directory for transformers. Prompts come from the test split of the
+corpus when the model directory has a tokenizer, else they are random token ids. Writes
+bench.json and bench.md to --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxaccel.config import ModelConfig
+
+
+def random_config(megabytes: float) -> ModelConfig:
+    """A Llama shape (d=1024, GQA 16/4 heads, vocab 8192) with enough layers for `megabytes` of float32."""
+    base = ModelConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_layers=1, num_heads=16,
+                       num_kv_heads=4, max_position_embeddings=2048)
+    per_layer = base.replace(num_layers=2).num_params() - base.num_params()
+    embed = base.num_params() - per_layer
+    layers = max(1, math.ceil((megabytes * 1e6 / 4 - embed) / per_layer))
+    return base.replace(num_layers=layers)
+
+
+def build_random(megabytes: float, seed: int, directory: Path):
+    """A random-init model of `random_config(megabytes)`, also saved to `directory` for transformers."""
+    from flax import nnx
+
+    from jaxaccel.hf import save_hf
+    from jaxaccel.model import Transformer
+
+    model = Transformer(random_config(megabytes), rngs=nnx.Rngs(seed))
+    save_hf(model, directory)
+    return model
+
+
+def make_prompts(model_dir: Path, vocab_size: int, batch_size: int, prompt_len: int, seed: int) -> list[list[int]]:
+    """`batch_size` prompts of exactly prompt_len tokens: corpus snippets if there is a tokenizer."""
+    if (model_dir / "tokenizer.json").is_file():
+        from jaxaccel.data import load_tokenizer, sample_prompts
+
+        tokenizer = load_tokenizer(model_dir)
+        texts = sample_prompts("test", n=batch_size, num_chars=16 * prompt_len, seed=seed)
+        prompts = [tokenizer.encode(t).ids[:prompt_len] for t in texts]
+        if min(map(len, prompts)) == prompt_len:
+            return prompts
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, (batch_size, prompt_len)).tolist()
+
+
+def time_transformers(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, repeats: int) -> dict:
+    """transformers `generate` (torch CPU, default attention and threads), greedy, no early stop.
+
+    The loop's per-step time is (time for N tokens - time for 1 token) / (N - 1).
+    """
+    import torch
+    import transformers
+
+    from jaxaccel.decoding.timing import median_seconds
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # the same fixed number of tokens as ours
+    hf.generation_config.pad_token_id = 0
+    input_ids = torch.tensor(prompts, dtype=torch.long)
+
+    def run(n):
+        with torch.no_grad():
+            return hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                               max_new_tokens=n)
+
+    total_s = median_seconds(lambda: run(max_new_tokens), repeats)
+    prefill_s = median_seconds(lambda: run(1), repeats)
+    tokens = run(max_new_tokens)[:, input_ids.shape[1]:].tolist()
+    n = len(prompts) * max_new_tokens
+    return {"total_s": total_s, "prefill_s": prefill_s, "step_s": (total_s - prefill_s) / max(max_new_tokens - 1, 1),
+            "tokens_per_s": n / total_s, "tokens": tokens, "torch_threads": torch.get_num_threads(),
+            "attn_implementation": hf.config._attn_implementation}
+
+
+def markdown(report: dict) -> str:
+    ours, hf, floor = report["ours"], report.get("transformers"), report["floor"]
+    rows = [("jaxaccel (jit, while_loop)", ours["tokens_per_s"], ours["step_s"], ours["prefill_s"])]
+    if hf:
+        rows.append((f"transformers generate ({hf['attn_implementation']}, torch threads={hf['torch_threads']})",
+                     hf["tokens_per_s"], hf["step_s"], hf["prefill_s"]))
+    lines = [f"model: {report['model']} ({report['weights_mb']:.1f} MB of weights, {report['device']}), "
+             f"batch {report['batch_size']}, prompt {report['prompt_len']} tokens, "
+             f"{report['max_new_tokens']} new tokens",
+             "", "| decoder | tokens/s | per-step ms | prefill ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {tps:.1f} | {step * 1e3:.2f} | {pre * 1e3:.1f} |" for name, tps, step, pre in rows]
+    lines.append(f"| weight-streaming floor | | {floor['seconds'] * 1e3:.2f} | |")
+    lines.append("")
+    r = report["ratios"]
+    if hf:
+        lines.append(f"- ours / transformers tokens/s: **{r['ours_over_transformers_tokens_per_s']:.2f}x**; "
+                     f"greedy tokens identical: **{report['tokens_identical']}**")
+    lines.append(f"- ours decode step / weight-streaming floor: **{r['step_over_floor']:.2f}x** "
+                 f"(floor {floor['gb_per_s']:.1f} GB/s over {floor['bytes'] / 1e6:.1f} MB)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="model directory (config.json, *.safetensors[, tokenizer.json])")
+    which.add_argument("--random-params", type=float, metavar="MB", help="random Llama of about MB MB of weights")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads for transformers (default: "
+                        "torch's own; on an oversubscribed machine its thread barriers can slow it several-fold)")
+    parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from jaxaccel.decoding import AutoregressiveDecoder
+    from jaxaccel.decoding.timing import time_decode, weight_streaming_floor
+    from jaxaccel.hf import ModelDirectoryError, load_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if args.model is not None:
+                model_dir = args.model
+                model = load_hf(model_dir)
+            else:
+                model_dir = Path(tmp)
+                model = build_random(args.random_params, args.seed, model_dir)
+            prompts = make_prompts(model_dir, model.config.vocab_size, args.batch_size, args.prompt_len, args.seed)
+            decoder = AutoregressiveDecoder(model)
+            ours = time_decode(decoder, prompts, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
+        except (ModelDirectoryError, ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        floor = weight_streaming_floor(decoder.params)
+        hf = None
+        if not args.skip_transformers:
+            if args.torch_threads:
+                import torch
+
+                torch.set_num_threads(args.torch_threads)
+            hf = time_transformers(model_dir, prompts, args.max_new_tokens, args.repeats)
+
+    our_tokens = ours.pop("result").sequences()
+    report = {
+        "model": str(args.model) if args.model else f"random llama {model.config.num_params() / 1e6:.1f}M params",
+        "config": model.config.to_dict(), "weights_mb": floor["bytes"] / 1e6, "device": str(jax.devices()[0]),
+        "batch_size": args.batch_size, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
+        "ours": {**ours, "tokens": our_tokens}, "transformers": hf, "floor": floor,
+        "ratios": {"step_over_floor": ours["step_s"] / floor["seconds"]},
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if hf:
+        report["ratios"]["ours_over_transformers_tokens_per_s"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+        report["tokens_identical"] = our_tokens == hf["tokens"]
+    table = markdown(report)
+    print(table, end="")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+        (args.out / "bench.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Timing of the decode loop and of the weight-streaming floor, for benchmarks.
+
+Batch-1 decoding reads every weight once per step, so its step time is bounded below by the
+time to stream the weights from memory. The floor is measured, not computed from a datasheet:
+jitted passes that read each parameter array once (a full sum, and a matrix-vector product as
+the decode step does), median of several runs each, the faster of the two.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxaccel.decoding.autoregressive import AutoregressiveDecoder
+from jaxaccel.decoding.sampling import Greedy, Policy
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn()` (its result blocked on) over `repeats` runs, after one warm-up."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sum_all(arrays):
+    return sum(jnp.sum(x, dtype=jnp.float32) for x in arrays)
+
+
+def _matvec_all(arrays):
+    return [x @ jnp.ones(x.shape[-1], x.dtype) if x.ndim == 2 else jnp.sum(x) for x in arrays]
+
+
+def weight_streaming_floor(params, repeats: int = 9) -> dict:
+    """Seconds to read every parameter array once: {"seconds", "bytes", "gb_per_s", "by_method"}."""
+    arrays = jax.tree.leaves(params)
+    nbytes = sum(x.nbytes for x in arrays)
+    by_method = {name: median_seconds(lambda f=jax.jit(f): f(arrays), repeats)
+                 for name, f in (("sum", _sum_all), ("matvec", _matvec_all))}
+    seconds = min(by_method.values())
+    return {"seconds": seconds, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9, "by_method": by_method}
+
+
+def time_decode(decoder: AutoregressiveDecoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                policy: Policy = Greedy(), stop_tokens: Sequence[int] = (), repeats: int = 3) -> dict:
+    """Median prefill and loop times of `decoder` on one batch (compilation excluded).
+
+    Returns {"prefill_s", "loop_s", "total_s", "steps", "step_s", "tokens", "tokens_per_s", "result"}:
+    `steps` counts loop iterations (forward passes after prefill); tokens per second counts every
+    generated token of the batch over prefill + loop.
+    """
+    runs = []
+    for _ in range(repeats + 1):  # the first run compiles
+        start = time.perf_counter()
+        state, stop_ids = decoder.start(prompts, policy=policy, max_new_tokens=max_new_tokens,
+                                        stop_tokens=stop_tokens)
+        jax.block_until_ready(state)
+        prefilled = time.perf_counter()
+        state = jax.block_until_ready(decoder.finish(state, stop_ids, policy=policy))
+        runs.append((prefilled - start, time.perf_counter() - prefilled))
+    prefill_s = statistics.median(r[0] for r in runs[1:])
+    loop_s = statistics.median(r[1] for r in runs[1:])
+    result = jax.device_get(state.result)
+    steps = int(state.step) - 1
+    tokens = int(result.num_generated_b.sum())
+    return {"prefill_s": prefill_s, "loop_s": loop_s, "total_s": prefill_s + loop_s, "steps": steps,
+            "step_s": loop_s / max(steps, 1), "tokens": tokens, "tokens_per_s": tokens / (prefill_s + loop_s),
+            "result": result}
