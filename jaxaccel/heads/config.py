@@ -1,0 +1,55 @@
+"""HeadsConfig: the architecture of a set of draft heads (frozen, hashable: a static `jit` argument)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("medusa", "hydra", "eagle")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Draft heads over a base model's last hidden states.
+
+    Depth k (0-based) drafts the token k + 2 places after the position whose hidden state it
+    reads; the base model itself predicts the token 1 place after. `num_heads` is that depth for
+    every kind: the number of heads (medusa, hydra) or of autoregressive draft steps (eagle).
+    """
+
+    kind: str = "medusa"
+    num_heads: int = 4
+    num_blocks: int = 1  # residual SiLU blocks per head (medusa, hydra)
+    share_lm_head: bool = False  # medusa, hydra: the base's frozen LM head instead of trained copies of it
+    prefix_layer: bool = False  # hydra++: one causal decoder layer over the base hidden states
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown heads kind {self.kind!r}; expected one of {sorted(KINDS)}")
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}")
+        if self.prefix_layer and self.kind != "hydra":
+            raise ValueError(f"prefix_layer is a hydra option, not one of {self.kind!r}")
+        if self.share_lm_head and self.kind == "eagle":
+            raise ValueError("eagle always uses the base model's LM head; share_lm_head does not apply")
+
+    def replace(self, **overrides: Any) -> HeadsConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown heads config field(s) {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadsConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown heads config field(s) {unknown}")
+        return cls(**d)

@@ -1,0 +1,39 @@
+"""The registry of head kinds, and heads <-> flat parameter dicts (for optax, orbax, safetensors)."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxaccel.config import ModelConfig
+from jaxaccel.heads.config import HeadsConfig
+from jaxaccel.heads.eagle import EagleDrafter
+from jaxaccel.heads.hydra import HydraHeads
+from jaxaccel.heads.medusa import MedusaHeads
+from jaxaccel.model import Transformer
+from jaxaccel.training.steps import ModelParts
+
+REGISTRY = {"medusa": MedusaHeads, "hydra": HydraHeads, "eagle": EagleDrafter}
+Heads = MedusaHeads | HydraHeads | EagleDrafter
+
+
+def make_heads(config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs) -> Heads:
+    """The heads module of `config.kind` for a base model of `base_config` (not yet initialised
+    from the base: call `init_from_base`)."""
+    return REGISTRY[config.kind](config, base_config, rngs=rngs)
+
+
+class HeadParts(ModelParts):
+    """A heads module's static graph and parameter templates, to go between modules and flat
+    {dotted name: array} dicts (the train state and the safetensors file use the names)."""
+
+    def __init__(self, config: HeadsConfig, base_config: ModelConfig):
+        super().__init__(lambda rngs: make_heads(config, base_config, rngs=rngs))
+        self.config, self.base_config = config, base_config
+
+    def init_from_base(self, base: Transformer, seed: int) -> dict[str, jax.Array]:
+        """Fresh parameters, initialised from the base model (LM-head copies); call inside jit to
+        create them sharded."""
+        heads = self.make(nnx.Rngs(seed))
+        heads.init_from_base(base)
+        return self.params(heads)
