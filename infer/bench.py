@@ -5,6 +5,13 @@ One run, the same weights and prompts for all three, greedy, a fixed number of n
 
     python -m infer.bench --model DIR --max-new-tokens 64 --out runs/bench
     python -m infer.bench --random-params 250 --out runs/bench_250mb
+    python -m infer.bench --model DIR --heads HEADS_DIR [--heads ...] [--tree auto] --out runs/spec
+    python -m infer.bench --model DIR --heads HEADS_DIR --tune-tree
+
+With --heads, the table is the speculative one (see infer/spec_bench.py): ar vs each heads
+directory at each --temperatures, on --num-prompts test-split prompts decoded at batch 1.
+--tune-tree measures this device's step cost per tree size and the heads' acceptance on
+validation-split prompts, and saves the best tree beside the heads (`--tree auto` uses it).
 
 `--random-params N` builds a random Llama of about N MB of float32 weights (no download) and
 saves it to a temporary directory for transformers. Prompts come from the test split of the
@@ -49,13 +56,14 @@ def build_random(megabytes: float, seed: int, directory: Path):
     return model
 
 
-def make_prompts(model_dir: Path, vocab_size: int, batch_size: int, prompt_len: int, seed: int) -> list[list[int]]:
+def make_prompts(model_dir: Path, vocab_size: int, batch_size: int, prompt_len: int, seed: int,
+                 split: str = "test") -> list[list[int]]:
     """`batch_size` prompts of exactly prompt_len tokens: corpus snippets if there is a tokenizer."""
     if (model_dir / "tokenizer.json").is_file():
         from jaxaccel.data import load_tokenizer, sample_prompts
 
         tokenizer = load_tokenizer(model_dir)
-        texts = sample_prompts("test", n=batch_size, num_chars=16 * prompt_len, seed=seed)
+        texts = sample_prompts(split, n=batch_size, num_chars=16 * prompt_len, seed=seed)
         prompts = [tokenizer.encode(t).ids[:prompt_len] for t in texts]
         if min(map(len, prompts)) == prompt_len:
             return prompts
@@ -129,7 +137,14 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads for transformers (default: "
                         "torch's own; on an oversubscribed machine its thread barriers can slow it several-fold)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
+    parser.add_argument("--heads", type=Path, action="append", default=[], help="heads directory (repeatable)")
+    parser.add_argument("--tree", help="default | chain | auto | FILE.json (speculative rows)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--num-prompts", type=int, default=8, help="test-split prompts for the speculative rows")
+    parser.add_argument("--tune-tree", action="store_true", help="choose and save the best tree for each --heads")
     args = parser.parse_args(argv)
+    if args.heads or args.tune_tree:
+        return speculative_main(args)
 
     import jax
 
@@ -178,6 +193,47 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
         (args.out / "bench.md").write_text(table)
+    return 0
+
+
+def speculative_main(args) -> int:
+    """--heads / --tune-tree: the speculative table, or tree tuning."""
+    import jax
+
+    from infer import spec_bench
+    from jaxaccel.hf import load_hf
+
+    if args.model is None or not args.heads:
+        print("error: --heads and --tune-tree need --model DIR and at least one --heads DIR", file=sys.stderr)
+        return 2
+    try:
+        model = load_hf(args.model)
+        if args.tune_tree:
+            tuning = make_prompts(args.model, model.config.vocab_size, 16, args.prompt_len, args.seed + 1,
+                                  split="validation")
+            for heads_dir in args.heads:
+                report = spec_bench.tune_tree(model, args.model, heads_dir, tuning, tuning[0],
+                                              max_new_tokens=args.max_new_tokens)
+                print(f"{heads_dir}: chose {report['chosen_num_nodes']} nodes")
+                for row in report["table"]:
+                    print(f"  {row['num_nodes']:3d} nodes: {row['expected_tokens_per_step']:.2f} tokens/step, "
+                          f"{row['step_ms']:.1f} ms/step -> {row['expected_tokens_per_s']:.1f} tokens/s")
+            return 0
+        prompts = make_prompts(args.model, model.config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
+        report = spec_bench.speculative_report(model, args.model, args.heads, prompts, tree_spec=args.tree,
+                                               temperatures=args.temperatures, max_new_tokens=args.max_new_tokens,
+                                               repeats=args.repeats, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:  # HeadsMismatchError and ModelDirectoryError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    header = (f"model: {args.model} ({jax.devices()[0]}), batch 1, {args.num_prompts} test-split prompts of "
+              f"{args.prompt_len} tokens, {args.max_new_tokens} new tokens")
+    table = spec_bench.speculative_markdown(report, header)
+    print(table, end="")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "spec_bench.json").write_text(json.dumps(report, indent=1, default=str))
+        (args.out / "spec_bench.md").write_text(table)
     return 0
 
 

@@ -36,6 +36,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="prompts per batch (default: all)")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    parser.add_argument("--heads", type=Path, help="draft heads directory: decode speculatively")
+    parser.add_argument("--tree", help="with --heads: default | chain | auto (tuned by infer.bench --tune-tree) | FILE.json")
     return parser.parse_args(argv)
 
 
@@ -63,7 +65,17 @@ def run(args) -> list[dict]:
     if max(max(p) for p in prompts) >= config.vocab_size:
         raise ValueError(f"the tokenizer produced ids beyond the model's vocabulary of {config.vocab_size}")
     stop = stop_tokens(config, args.model)
-    decoder = AutoregressiveDecoder(model)
+    if args.heads is not None:
+        from infer.spec_bench import resolve_tree
+        from jaxaccel.decoding.speculative import SpeculativeDecoder
+        from jaxaccel.heads import load_heads
+
+        heads = load_heads(args.heads, args.model)
+        decoder = SpeculativeDecoder(model, heads, resolve_tree(args.tree, args.heads, heads))
+    elif args.tree is not None:
+        raise ValueError("--tree needs --heads")
+    else:
+        decoder = AutoregressiveDecoder(model)
     batch_size = args.batch_size or len(prompts)
     compiled, records = set(), []
     for index, start in enumerate(range(0, len(prompts), batch_size)):

@@ -18,7 +18,7 @@ from flax import nnx, struct
 
 from jaxaccel.cache import KVCache
 from jaxaccel.config import ModelConfig
-from jaxaccel.layers.attention import Attention
+from jaxaccel.layers.attention import Attention, visible_keys
 from jaxaccel.layers.linear import INIT_STD, dense
 from jaxaccel.layers.mlp import MLP
 from jaxaccel.layers.norms import RMSNorm
@@ -39,8 +39,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pdt)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_bnd, positions_bn, mask_bnn, kv=None, lengths_b=None):
-        h_bnd, kv = self.self_attn(self.input_layernorm(x_bnd), positions_bn, mask_bnn, kv, lengths_b)
+    def __call__(self, x_bnd, positions_bn, visible_bnt, kv=None, lengths_b=None):
+        h_bnd, kv = self.self_attn(self.input_layernorm(x_bnd), positions_bn, visible_bnt, kv, lengths_b)
         x_bnd = x_bnd + h_bnd
         x_bnd = x_bnd + self.mlp(self.post_attention_layernorm(x_bnd))
         return x_bnd, kv
@@ -67,29 +67,11 @@ class Transformer(nnx.Module):
         """Runs n tokens per row. `positions_bn` default: consecutive after the cache (or from 0).
         `mask` [n, n] or [B, n, n] (query, key) among the new tokens; default causal."""
         check_tokens(tokens_bn, self.config.vocab_size)
-        b, n = tokens_bn.shape
-        if cache is not None:
-            check_capacity(cache, n)
-        if positions_bn is None:
-            start_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
-            positions_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)
-        if mask is None:
-            mask = jnp.tril(jnp.ones((n, n), bool))
-        mask_bnn = jnp.broadcast_to(mask, (b, n, n))
-        if cache is None and n > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {n} tokens is longer than the model's context "
+        if cache is None and tokens_bn.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {tokens_bn.shape[1]} tokens is longer than the model's context "
                              f"({self.config.max_position_embeddings} positions)")
-
-        x_bnd = self.embed_tokens(tokens_bn)
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x_bnd, kv = layer(x_bnd, positions_bn, mask_bnn, kv, None if cache is None else cache.lengths)
-            if kv is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
+        x_bnd, new_cache = run_layers(self.layers, self.embed_tokens(tokens_bn), positions_bn, cache=cache, mask=mask)
         hidden_bnd = self.norm(x_bnd)
-        new_cache = None if cache is None else cache.replace(keys=tuple(keys), values=tuple(values))
         return ForwardOutput(logits=self.logits(hidden_bnd), hidden=hidden_bnd, cache=new_cache)
 
     def logits(self, hidden_bnd: jax.Array) -> jax.Array:
@@ -105,6 +87,32 @@ class Transformer(nnx.Module):
         Padding K/V are written past each row's length and overwritten later."""
         out = self.forward(tokens_bs, cache=cache)
         return out.replace(cache=out.cache.advance(lengths_b))
+
+
+def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, *, cache: KVCache | None = None,
+               mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Decoder layers over n new entries per row, with the forward-pass semantics above: positions
+    default consecutive after the cache (or from 0), mask [n, n] or [B, n, n] default causal, new
+    K/V written at each row's length but not committed. Which keys each query sees is worked out
+    once here, not in every layer. Also runs the draft heads' own decoder layers (one-layer caches)."""
+    b, n = x_bnd.shape[:2]
+    if cache is not None:
+        check_capacity(cache, n)
+    if positions_bn is None:
+        start_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+        positions_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)
+    mask_bnn = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)) if mask is None else mask, (b, n, n))
+    lengths_b = None if cache is None else cache.lengths
+    visible_bnt = visible_keys(mask_bnn, positions_bn, lengths_b, None if cache is None else cache.max_len,
+                               layers[0].self_attn.config.sliding_window)
+    keys, values = [], []
+    for i, layer in enumerate(layers):
+        kv = None if cache is None else (cache.keys[i], cache.values[i])
+        x_bnd, kv = layer(x_bnd, positions_bn, visible_bnt, kv, lengths_b)
+        if kv is not None:
+            keys.append(kv[0])
+            values.append(kv[1])
+    return x_bnd, None if cache is None else cache.replace(keys=tuple(keys), values=tuple(values))
 
 
 def check_tokens(tokens_bn, vocab_size: int) -> None:

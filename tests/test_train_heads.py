@@ -162,3 +162,26 @@ def test_bad_input_is_one_line_and_changes_nothing(runs, base_dir, other_base, t
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert snapshot(out) == before
+
+
+def test_generate_and_bench_with_heads(runs, base_dir, capsys):
+    """infer.generate --heads gives ar's tokens at T = 0; infer.bench --tune-tree saves a tree that
+    --tree auto then uses."""
+    from infer import bench, generate
+
+    prompt = ["--model", str(base_dir), "--prompt", "import os\ndef main(", "--max-new-tokens", "24", "--json"]
+    assert generate.main(prompt) == 0
+    ar = json.loads(capsys.readouterr().out)
+    heads_dir = runs("eagle")
+    assert generate.main(prompt + ["--heads", str(heads_dir)]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["tokens"] == ar["tokens"] and spec["mean_accepted_tokens"] >= 1.0
+
+    common = ["--model", str(base_dir), "--heads", str(heads_dir), "--prompt-len", "16", "--max-new-tokens", "16"]
+    assert bench.main(common + ["--tune-tree"]) == 0
+    tuning = json.loads((heads_dir / "tree_tuning.json").read_text())
+    assert (heads_dir / "tree.json").is_file() and tuning["table"]
+    assert bench.main(common + ["--tree", "auto", "--num-prompts", "2", "--repeats", "1", "--temperatures", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "| eagle | 0 |" in table and "| yes |" in table and "**no**" not in table
+    assert generate.main(prompt + ["--tree", "chain"]) == 2  # --tree without --heads

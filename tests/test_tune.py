@@ -39,7 +39,7 @@ def test_draft_ranks_and_choice():
     heads = make_heads(HeadsConfig(kind="medusa", num_heads=2), config, rngs=nnx.Rngs(1))
     heads.init_from_base(base)
     tokens = np.random.default_rng(1).integers(0, 40, (2, 12)).astype(np.int32)
-    ranks = draft_ranks(base, heads, tokens, np.array([3, 5]), depth=2, max_rank=40)
+    ranks = draft_ranks(base, heads, tokens, np.array([3, 5]), np.array([12, 12]), depth=2, max_rank=40)
     assert ranks.shape == (7 + 5, 2)  # positions 2..8 and 4..8 (t + 3 must be inside the row)
     # Zero-initialised medusa heads are the base's LM head: head k at t ranks token t+k+2 by the
     # base's own next-token logits at t.

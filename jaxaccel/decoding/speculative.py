@@ -137,7 +137,7 @@ class SpeculativeDecoder:
         spec_loop_jit.lower(self.graphdef, self.params, self.heads_graphdef, self.heads_params, state, stop_ids,
                             policy=policy, drafter=self.drafter).compile()
 
-    def step_seconds(self, prompts: Sequence[Sequence[int]], *, policy=Greedy(), max_new_tokens: int = 64) -> float:
+    def step_seconds(self, prompts: Sequence[Sequence[int]], *, policy=Greedy(), max_new_tokens: int = 8) -> float:
         """Median seconds of one draft + verify + accept step right after prefilling `prompts`."""
         state, stop_ids = self.start(prompts, policy=policy, max_new_tokens=max_new_tokens)
         return median_seconds(lambda: spec_single_step_jit(self.graphdef, self.params, self.heads_graphdef,

@@ -23,9 +23,11 @@ import numpy as np
 from jaxaccel.decoding.tree import Tree
 
 
-def draft_ranks(base, heads, tokens_bt: np.ndarray, starts_b: np.ndarray, depth: int, max_rank: int) -> np.ndarray:
+def draft_ranks(base, heads, tokens_bt: np.ndarray, starts_b: np.ndarray, ends_b: np.ndarray, depth: int,
+                max_rank: int) -> np.ndarray:
     """[P, depth] rank of the true token t+k+2 under head k at each position t >= starts_b[b] - 1
-    whose continuation is fully inside the row (ranks >= max_rank are recorded as max_rank: a miss)."""
+    whose continuation lies inside the row's first ends_b[b] tokens (ranks >= max_rank are
+    recorded as max_rank: a miss)."""
 
     @jax.jit
     def ranks_fn(tokens_bt):
@@ -41,9 +43,8 @@ def draft_ranks(base, heads, tokens_bt: np.ndarray, starts_b: np.ndarray, depth:
 
     ranks_btd = np.minimum(np.asarray(ranks_fn(jnp.asarray(tokens_bt))), max_rank)
     rows = []
-    for b, start in enumerate(starts_b):
-        last = tokens_bt.shape[1] - depth - 2  # position t needs tokens up to t + depth + 1
-        rows.append(ranks_btd[b, max(start - 1, 0):last + 1])
+    for b, (start, end) in enumerate(zip(starts_b, ends_b)):
+        rows.append(ranks_btd[b, max(start - 1, 0):end - depth - 1])  # t needs tokens up to t + depth + 1
     return np.concatenate(rows).astype(np.int32)
 
 

@@ -14,7 +14,7 @@ from flax import nnx, struct
 
 from jaxaccel.cache import KVCache
 from jaxaccel.config import ModelConfig
-from jaxaccel.model import Transformer, check_capacity
+from jaxaccel.model import Transformer, run_layers
 
 
 @struct.dataclass
@@ -98,16 +98,5 @@ def zero_residual_branches(layer) -> None:
 
 def run_decoder_layer(layer, x_bnd: jax.Array, positions_bn: jax.Array | None = None, *,
                       cache: KVCache | None = None, mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-    """One DecoderLayer with the base model's forward semantics (a one-layer KVCache, new K/V written
-    at each row's length but not committed; default positions consecutive after the cache; default
-    mask causal among the n new entries)."""
-    b, n = x_bnd.shape[:2]
-    if cache is not None:
-        check_capacity(cache, n)
-    if positions_bn is None:
-        start_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
-        positions_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)
-    mask_bnn = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)) if mask is None else mask, (b, n, n))
-    kv = None if cache is None else (cache.keys[0], cache.values[0])
-    x_bnd, kv = layer(x_bnd, positions_bn, mask_bnn, kv, None if cache is None else cache.lengths)
-    return x_bnd, None if cache is None else cache.replace(keys=(kv[0],), values=(kv[1],))
+    """One DecoderLayer with the base model's forward semantics (a one-layer KVCache)."""
+    return run_layers([layer], x_bnd, positions_bn, cache=cache, mask=mask)

@@ -57,7 +57,6 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, hd = config.hidden_size, config.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
-        self.sliding_window = config.sliding_window
         self.config = config
         self.q_proj = dense(config, d, config.num_heads * hd, ("embed", "heads"), config.qkv_bias, rngs)
         self.k_proj = dense(config, d, config.num_kv_heads * hd, ("embed", "kv_heads"), config.qkv_bias, rngs)
@@ -69,9 +68,11 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x_bnd: jax.Array, positions_bn: jax.Array, mask_bnn: jax.Array,
+    def __call__(self, x_bnd: jax.Array, positions_bn: jax.Array, visible_bnt: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None, lengths_b: jax.Array | None = None):
-        """Returns the attention output [B, n, d] and the layer's (keys, values) cache with the new K/V written."""
+        """Returns the attention output [B, n, d] and the layer's (keys, values) cache with the new K/V
+        written. visible_bnt (from `visible_keys`): which of the n new keys, or of the cache's T
+        slots, each query sees."""
         b, n, _ = x_bnd.shape
         q = self.q_proj(x_bnd).reshape(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(x_bnd).reshape(b, n, self.num_kv_heads, self.head_dim)
@@ -84,7 +85,5 @@ class Attention(nnx.Module):
         if kv is not None:
             kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
             k, v = kv
-        visible = visible_keys(mask_bnn, positions_bn, None if kv is None else lengths_b,
-                               None if kv is None else k.shape[1], self.sliding_window)
-        out = dot_product_attention(q, k, v, visible)
+        out = dot_product_attention(q, k, v, visible_bnt)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), kv

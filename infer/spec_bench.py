@@ -1,0 +1,127 @@
+"""The speculative rows of `infer.bench`: ar vs each heads directory, and `--tune-tree`.
+
+    python -m infer.bench --model runs/small/model --heads runs/small/heads/medusa --heads ... --out DIR
+    python -m infer.bench --model runs/small/model --heads runs/small/heads/eagle --tune-tree
+
+Each test-split prompt is decoded at batch 1 by our autoregressive loop and by the speculative
+loop with each heads directory, at each temperature, in the same run on the same weights.
+Rows: tokens/s, mean accepted tokens (tokens per forward pass, the base's own token counted),
+speedup vs ar, and at T = 0 whether every token equals ar's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TUNE_SIZES = (2, 4, 8, 16, 24, 32, 48, 64)
+TUNE_MAX_RANK = 8
+
+
+def resolve_tree(spec: str | None, heads_dir: Path, heads):
+    """--tree: None/'default' (the kind's default), 'chain', 'auto' (tuned, saved with the heads) or a JSON file."""
+    from jaxaccel.decoding.tree import Tree
+
+    if spec in (None, "default"):
+        return None
+    if spec == "chain":
+        return Tree.chain(heads.config.num_heads)
+    path = heads_dir / "tree.json" if spec == "auto" else Path(spec)
+    if not path.is_file():
+        hint = f"; run `python -m infer.bench --model MODEL --heads {heads_dir} --tune-tree` first" if spec == "auto" else ""
+        raise FileNotFoundError(f"no tree file {path}{hint}")
+    return Tree.load(path)
+
+
+def time_prompts(decoder, prompts, *, policy, max_new_tokens: int, stop, repeats: int) -> dict:
+    """Each prompt alone (batch 1): total tokens over total time, tokens per forward pass."""
+    from jaxaccel.decoding.timing import time_decode
+
+    decoder.compile([prompts[0]], policy=policy, max_new_tokens=max_new_tokens, stop_tokens=stop)
+    seconds = tokens = passes = 0
+    sequences = []
+    for prompt in prompts:
+        run = time_decode(decoder, [prompt], policy=policy, max_new_tokens=max_new_tokens, stop_tokens=stop,
+                          repeats=repeats)
+        seconds += run["total_s"]
+        tokens += run["tokens"]
+        passes += int(run["result"].num_steps_b.sum())
+        sequences += run["result"].sequences()
+    return {"tokens_per_s": tokens / seconds, "mean_accepted_tokens": tokens / passes, "tokens": tokens,
+            "seconds": seconds, "sequences": sequences}
+
+
+def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, *, tree_spec, temperatures,
+                       max_new_tokens: int, repeats: int, seed: int) -> dict:
+    from jaxaccel.decoding import AutoregressiveDecoder, make_policy
+    from jaxaccel.decoding.speculative import SpeculativeDecoder
+    from jaxaccel.decoding.text import stop_tokens
+    from jaxaccel.heads import load_heads
+
+    stop = stop_tokens(model.config, model_dir)
+    decoders = {"ar": AutoregressiveDecoder(model)}
+    trees = {}
+    for heads_dir in heads_dirs:
+        heads = load_heads(heads_dir, model_dir)
+        decoder = SpeculativeDecoder(model, heads, resolve_tree(tree_spec, heads_dir, heads))
+        name = heads.config.kind if heads.config.kind not in decoders else f"{heads.config.kind} ({heads_dir.name})"
+        decoders[name] = decoder
+        trees[name] = {"num_nodes": decoder.tree.num_nodes, "depth": decoder.tree.depth, "heads": str(heads_dir)}
+    rows = []
+    for temperature in temperatures:
+        policy = make_policy(temperature)
+        runs = {name: time_prompts(d, prompts, policy=policy, max_new_tokens=max_new_tokens, stop=stop,
+                                   repeats=repeats) for name, d in decoders.items()}
+        for name, run in runs.items():
+            rows.append({"method": name, "temperature": temperature, "tokens_per_s": run["tokens_per_s"],
+                         "mean_accepted_tokens": run["mean_accepted_tokens"],
+                         "speedup_vs_ar": run["tokens_per_s"] / runs["ar"]["tokens_per_s"],
+                         "identical_to_ar": run["sequences"] == runs["ar"]["sequences"] if temperature == 0 else None,
+                         **trees.get(name, {})})
+    return {"rows": rows, "num_prompts": len(prompts), "max_new_tokens": max_new_tokens}
+
+
+def speculative_markdown(report: dict, header: str) -> str:
+    lines = [header, "", "| method | T | tokens/s | mean accepted tokens | speedup vs ar | identical to ar | tree nodes |",
+             "|---|---:|---:|---:|---:|:---:|---:|"]
+    for r in report["rows"]:
+        same = "" if r["identical_to_ar"] is None else ("yes" if r["identical_to_ar"] else "**no**")
+        lines.append(f"| {r['method']} | {r['temperature']:g} | {r['tokens_per_s']:.1f} | "
+                     f"{r['mean_accepted_tokens']:.2f} | {r['speedup_vs_ar']:.2f}x | {same} | {r.get('num_nodes', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def tune_tree(model, model_dir: Path, heads_dir: Path, tuning_prompts, timing_prompt, *, max_new_tokens: int) -> dict:
+    """Measures acceptance (validation-split prompts) and step cost per tree size on this device;
+    saves the best tree as heads_dir/tree.json (what `--tree auto` loads) with the table beside it."""
+    import jax
+
+    from jaxaccel.decoding import AutoregressiveDecoder
+    from jaxaccel.decoding.speculative import SpeculativeDecoder
+    from jaxaccel.decoding.tune import choose_tree, draft_ranks, tree_from_ranks
+    from jaxaccel.heads import load_heads
+
+    heads = load_heads(heads_dir, model_dir)
+    depth = heads.config.num_heads
+    continuations = AutoregressiveDecoder(model).generate(tuning_prompts, max_new_tokens=max_new_tokens).sequences()
+    width = max(len(p) + len(c) for p, c in zip(tuning_prompts, continuations))
+    tokens_bt = np.zeros((len(tuning_prompts), width), np.int32)
+    for row, (p, c) in zip(tokens_bt, zip(tuning_prompts, continuations)):
+        row[:len(p) + len(c)] = p + c
+    ranks = draft_ranks(model, heads, tokens_bt, np.array([len(p) for p in tuning_prompts]),
+                        np.array([len(p) + len(c) for p, c in zip(tuning_prompts, continuations)]), depth, TUNE_MAX_RANK)
+    seconds = {}
+    for n in TUNE_SIZES:
+        tree = tree_from_ranks(ranks, n, TUNE_MAX_RANK)
+        if tree.num_nodes in seconds:
+            continue
+        seconds[tree.num_nodes] = SpeculativeDecoder(model, heads, tree).step_seconds([timing_prompt])
+    best, table = choose_tree(ranks, seconds, TUNE_MAX_RANK)
+    best.save(heads_dir / "tree.json")
+    rows = [{k: v for k, v in row.items() if k != "tree"} for row in table]
+    report = {"heads": str(heads_dir), "device": str(jax.devices()[0]), "positions": int(len(ranks)),
+              "chosen_num_nodes": best.num_nodes, "table": rows}
+    (heads_dir / "tree_tuning.json").write_text(json.dumps(report, indent=1))
+    return report
