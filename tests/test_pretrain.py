@@ -20,6 +20,7 @@ from jaxaccel.presets import get_preset
 from jaxaccel.sharding import make_mesh
 from jaxaccel.training import Pretraining, lr_schedule, read_metrics
 from train import pretrain as cli
+from train.common import EXIT_BAD_INPUT
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The run the fixture makes and the killed run repeat: long enough that a kill lands mid-run.
@@ -151,7 +152,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_run, tmp_path):
 ])
 def test_bad_input_is_one_line_and_keeps_checkpoints(tiny_run, capsys, args, message):
     before = snapshot(tiny_run)
-    assert cli.main(RUN_ARGS + ["--out", str(tiny_run), *args]) == cli.EXIT_BAD_INPUT
+    assert cli.main(RUN_ARGS + ["--out", str(tiny_run), *args]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert snapshot(tiny_run) == before
@@ -160,6 +161,6 @@ def test_bad_input_is_one_line_and_keeps_checkpoints(tiny_run, capsys, args, mes
 def test_missing_corpus_creates_nothing(tmp_path):
     proc = run_cli(tmp_path / "run", "--extra-data", str(tmp_path / "missing"))
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == cli.EXIT_BAD_INPUT
+    assert proc.returncode == EXIT_BAD_INPUT
     assert stderr.strip() == f"error: corpus directory does not exist: {tmp_path / 'missing'}"
     assert not (tmp_path / "run").exists()

@@ -12,10 +12,9 @@ DIR/eval.json. Bad input exits with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from train.pretrain import EXIT_BAD_INPUT, Progress, maybe_initialize_distributed, one_line
+from train.common import Progress, guarded_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,19 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    maybe_initialize_distributed(args.distributed)
-    from jaxaccel.checkpoint import CorruptCheckpointError
-    from jaxaccel.hf import ModelDirectoryError
-
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, CorruptCheckpointError,
-            ModelDirectoryError) as error:
-        if os.environ.get("JAXACCEL_TRACEBACK"):
-            raise
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return guarded_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

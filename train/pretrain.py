@@ -11,14 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import time
 
 from jaxaccel.config import ModelConfig
-
-EXIT_BAD_INPUT = 2
-
+from train.common import Progress, guarded_main
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__,
@@ -101,67 +97,6 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def maybe_initialize_distributed(flag: bool) -> None:
-    """Multi-host: one process per host, all running the same command (see the README)."""
-    import jax
-
-    if not (flag or os.environ.get("JAX_COORDINATOR_ADDRESS")):
-        return
-    kwargs = {}
-    if os.environ.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-    if os.environ.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)  # coordinator etc. auto-detected on TPU, SLURM, Open MPI, K8s
-
-
-class Progress:
-    """tqdm bar over steps with loss and tokens/s (tqdm gives the ETA); val results printed above it."""
-
-    def __init__(self, start: int, total: int, tokens_per_step: int, enabled: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=start, unit="step", disable=not enabled, dynamic_ncols=True,
-                        smoothing=0.05)
-        self.tokens_per_step = tokens_per_step
-        self.first: tuple[int, float] | None = None  # (step, time) of the first finished step: past the compile
-        self.last_step_time = 0.0
-
-    def __call__(self, step: int, metrics: dict) -> dict:
-        now = time.perf_counter()
-        extra = {}
-        if "loss" in metrics:
-            self.last_step_time = now
-            if self.first is None:
-                self.first = (step, now)
-            elif step > self.first[0]:
-                extra["tokens_per_s"] = (step - self.first[0]) * self.tokens_per_step / (now - self.first[1])
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}",
-                                 tok_s=f"{extra.get('tokens_per_s', 0):.0f}", refresh=False)
-        if "val_loss" in metrics:
-            if self.first is not None:  # evaluation time is not training time
-                self.first = (self.first[0], self.first[1] + now - self.last_step_time)
-            self.bar.write(f"step {step}: val_loss {metrics['val_loss']:.4f}  "
-                           f"val_bits_per_byte {metrics['val_bits_per_byte']:.4f}")
-        return extra
-
-    def close(self):
-        self.bar.close()
-
-
-def one_line(error: BaseException) -> str:
-    """The error as one line of text (an incompatible checkpoint lists every differing field)."""
-    from jaxaccel.checkpoint import IncompatibleCheckpointError
-
-    if isinstance(error, IncompatibleCheckpointError):
-        diffs = "; ".join(f"{k}: checkpoint has {old!r}, this run has {new!r}"
-                          for k, (old, new) in sorted(error.differences.items()))
-        return (f"{error.directory} holds checkpoints of a different configuration ({diffs}); "
-                "nothing was changed: use another --out, or the original settings")
-    return " ".join(str(error).split())
-
-
 def run(args: argparse.Namespace) -> int:
     """Builds (or resumes) the run, trains, evaluates the test split and exports the model."""
     import jax
@@ -205,19 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    maybe_initialize_distributed(args.distributed)
-    from jaxaccel.checkpoint import CorruptCheckpointError
-    from jaxaccel.hf import ModelDirectoryError
-
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, CorruptCheckpointError,
-            ModelDirectoryError) as error:
-        if os.environ.get("JAXACCEL_TRACEBACK"):
-            raise
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return guarded_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
