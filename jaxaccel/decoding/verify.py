@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from jaxaccel.decoding.sampling import Policy, row_keys
+from jaxaccel.decoding.sampling import Greedy, Policy, row_keys
 from jaxaccel.decoding.tree import Tree
 
 
@@ -57,6 +58,8 @@ def verify_tree(tree: Tree, draft_bn: jax.Array, logits_bnv: jax.Array, policy: 
     root); `policy` is the sampling policy whose distribution the output must follow."""
     if isinstance(policy, TypicalAcceptance):
         return _typical(tree, draft_bn, logits_bnv, policy)
+    if isinstance(policy, Greedy):
+        return _greedy(tree, draft_bn, logits_bnv)
     b, n, v = logits_bnv.shape
     probs_bnv = jax.nn.softmax(policy.filtered_logits(logits_bnv.reshape(b * n, v)), axis=-1).reshape(b, n, v)
     last_b, bonus_b = jax.vmap(lambda d, p, k: _walk(tree, d, p, k))(draft_bn, probs_bnv, row_keys(key, b))
@@ -95,6 +98,28 @@ def _walk(tree: Tree, draft_n: jax.Array, probs_nv: jax.Array, key: jax.Array):
     return last, bonus.astype(jnp.int32)
 
 
+def _greedy(tree: Tree, draft_bn, logits_bnv) -> Verdict:
+    """The walk with one-hot distributions, without its sequential steps: a node is accepted when
+    it and its ancestors each carry their parent's argmax and no earlier sibling does (the walk
+    offers siblings in order), so the accepted nodes form one path; the bonus token is the argmax
+    after the deepest of them."""
+    target_bn = jnp.argmax(logits_bnv, axis=-1).astype(jnp.int32)
+    parent_n = jnp.maximum(jnp.asarray(tree.parent_n), 0)
+    correct_bn = draft_bn == target_bn[:, parent_n]
+    n = tree.num_nodes
+    earlier_sibling_nn = (tree.parent_n[:, None] == tree.parent_n[None, :]) & (np.arange(n)[None, :] < np.arange(n)[:, None])
+    shadowed_bn = jnp.any(correct_bn[:, None, :] & earlier_sibling_nn[None], axis=-1)
+    return _deepest_accepted(tree, (correct_bn & ~shadowed_bn).at[:, 0].set(True), target_bn)
+
+
+def _deepest_accepted(tree: Tree, correct_bn, next_bn) -> Verdict:
+    """Accepts the deepest node whose path is correct throughout (the first such on ties); the
+    bonus token is next_bn at that node."""
+    accepted_bn = jnp.all(jnp.where(jnp.asarray(tree.mask_nn)[None], correct_bn[:, None, :], True), axis=-1)
+    last_b = jnp.argmax(jnp.where(accepted_bn, jnp.asarray(tree.depth_n)[None], -1), axis=1).astype(jnp.int32)
+    return _verdict(tree, last_b, jnp.take_along_axis(next_bn, last_b[:, None], axis=1)[:, 0])
+
+
 def _typical(tree: Tree, draft_bn, logits_bnv, rule: TypicalAcceptance) -> Verdict:
     logp_bnv = jax.nn.log_softmax(logits_bnv.astype(jnp.float32) / rule.temperature, axis=-1)
     entropy_bn = -jnp.sum(jnp.exp(logp_bnv) * logp_bnv, axis=-1)
@@ -103,10 +128,7 @@ def _typical(tree: Tree, draft_bn, logits_bnv, rule: TypicalAcceptance) -> Verdi
     # Node i is plausible if its token clears the threshold of its parent's distribution.
     logp_of_draft_bn = jnp.take_along_axis(logp_bnv[:, parent_n], draft_bn[:, :, None], axis=2)[..., 0]
     plausible_bn = (jnp.exp(logp_of_draft_bn) > threshold_bn[:, parent_n]).at[:, 0].set(True)
-    accepted_bn = jnp.all(jnp.where(jnp.asarray(tree.mask_nn)[None], plausible_bn[:, None, :], True), axis=-1)
-    last_b = jnp.argmax(jnp.where(accepted_bn, jnp.asarray(tree.depth_n)[None], -1), axis=1).astype(jnp.int32)
-    bonus_b = jnp.argmax(jnp.take_along_axis(logits_bnv, last_b[:, None, None], axis=1)[:, 0], axis=-1)
-    return _verdict(tree, last_b, bonus_b.astype(jnp.int32))
+    return _deepest_accepted(tree, plausible_bn, jnp.argmax(logits_bnv, axis=-1).astype(jnp.int32))
 
 
 def _verdict(tree: Tree, last_b: jax.Array, bonus_b: jax.Array) -> Verdict:
