@@ -53,13 +53,14 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxaccel.files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +126,6 @@ def _metadata_differences(old: Mapping[str, Any], new: Mapping[str, Any],
     return {k: (old_f.get(k, _MISSING), new_f.get(k, _MISSING))
             for k in sorted(old_f.keys() | new_f.keys())
             if not ignored(k) and old_f.get(k, _MISSING) != new_f.get(k, _MISSING)}
-
-
-def _write_json_atomically(path: pathlib.Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- checksums
@@ -257,7 +245,7 @@ class TrainCheckpointer:
         # No committed step yet: nothing to resume, (over)write this run's metadata.
         if jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _write_json_atomically(path, self.metadata)
+            write_json_atomically(path, self.metadata, sort_keys=True)
 
     # -- queries
 

@@ -138,6 +138,20 @@ def load_texts(
 # -------------------------------------------------------------------------- tokenizer
 
 
+def files_within_bytes(texts: list[str], max_bytes: int | None) -> list[str]:
+    """Whole files, in corpus order, that fit in max_bytes together (at least one file)."""
+    if max_bytes is None:
+        return texts
+    out, total = [], 0
+    for text in texts:
+        size = len(text.encode("utf-8"))
+        if out and total + size > max_bytes:
+            continue  # a smaller file further on may still fit
+        out.append(text)
+        total += size
+    return out
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, max_bytes: int | None = None, min_frequency: int = 2
 ) -> Tokenizer:

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxaccel.config import ModelConfig, RopeScaling
+from jaxaccel.files import write_atomically, write_json_atomically
 from jaxaccel.model import Transformer
 
 ARCHITECTURES = {
@@ -246,22 +247,17 @@ def save_hf(model: Transformer, path: str | os.PathLike, tokenizer=None,
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        _atomic(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        write_atomically(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": {t: n for n, shard in zip(names, shards) for t in shard}}
-        _atomic(path / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-    _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_to_hf(model.config), indent=2)))
+        write_json_atomically(path / INDEX_FILE, index)
+    write_json_atomically(path / "config.json", config_to_hf(model.config))
     if tokenizer is not None:
-        _atomic(path / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
+        write_atomically(path / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         if model.config.eos_token_id is not None:
             tok_config["eos_token"] = tokenizer.id_to_token(model.config.eos_token_id)
-        _atomic(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(tok_config, indent=2)))
+        write_json_atomically(path / "tokenizer_config.json", tok_config)
     return path
 
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, target)

@@ -105,8 +105,7 @@ class AutoregressiveDecoder:
         return x if self.mesh is None else jax.device_put(x, sharding_for(logical, x.shape, self.mesh))
 
     def empty_cache(self, batch_size: int, cache_len: int) -> KVCache:
-        """A fresh cache, each layer's keys and values in their own buffers (the cache is donated;
-        KVCache.create shares one zeros array between them) and placed on the mesh."""
+        """A fresh cache, allocated directly with its mesh sharding (never gathered on one device)."""
         shapes = _cache_shapes(self.config, batch_size, cache_len)
 
         def zeros(x):

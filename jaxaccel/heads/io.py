@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from safetensors import flax as safetensors_flax
 
+from jaxaccel.files import write_atomically, write_json_atomically
 from jaxaccel.hf import INDEX_FILE, ModelDirectoryError, config_from_hf
 from jaxaccel.heads.config import HeadsConfig
 from jaxaccel.heads.registry import HeadParts, Heads
@@ -66,8 +67,8 @@ def save_heads(heads: Heads, heads_dir: str | os.PathLike, base_dir: str | os.Pa
     record = {"format": FORMAT, "heads": heads.config.to_dict(),
               "base": {"fingerprint": fingerprint or base_fingerprint(base_dir),
                        "config": _base_config_json(base_dir), "path": str(base_dir.absolute())}}
-    _atomic(heads_dir / WEIGHTS_FILE, lambda tmp: safetensors_flax.save_file(tensors, tmp))
-    _atomic(heads_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    write_atomically(heads_dir / WEIGHTS_FILE, lambda tmp: safetensors_flax.save_file(tensors, tmp))
+    write_json_atomically(heads_dir / CONFIG_FILE, record)
     return heads_dir
 
 
@@ -117,8 +118,3 @@ def load_heads(heads_dir: str | os.PathLike, base_dir: str | os.PathLike, dtype:
 def _loaded_config(base_dir: Path, dtype: str = "float32"):
     return config_from_hf(_base_config_json(base_dir), dtype=dtype, param_dtype=dtype)
 
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, target)

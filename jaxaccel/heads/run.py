@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxaccel import data
+from jaxaccel.files import write_json_atomically
 from jaxaccel.checkpoint import TrainCheckpointer, restore_or_init
 from jaxaccel.decoding import AutoregressiveDecoder, make_policy, pad_batch
 from jaxaccel.heads import evaluate as agreement_eval
@@ -37,20 +38,6 @@ from jaxaccel.training.distill import DistillConfig, init_state_fn, make_distill
 from jaxaccel.training.steps import ModelParts, put_global, tokens_sharding, train_state_shardings
 
 GENERATION_STEP = 2**40  # the batch_at "step" that picks the generation prompts: never a training step
-
-
-def _capped(texts: list[str], max_bytes: int | None) -> list[str]:
-    """Whole files, in corpus order, that fit in max_bytes together (at least one file)."""
-    if max_bytes is None:
-        return texts
-    out, total = [], 0
-    for text in texts:
-        size = len(text.encode("utf-8"))
-        if out and total + size > max_bytes:
-            continue
-        out.append(text)
-        total += size
-    return out
 
 
 def check_setup(heads_config: HeadsConfig, config: DistillConfig, context: int) -> None:
@@ -125,7 +112,7 @@ class Distillation:
             return data.token_stream(self.tokenizer, split, self.out_dir / "data", self.extra_dirs,
                                      self.include_stdlib)
         texts = data.load_texts(split, self.extra_dirs, self.include_stdlib)
-        return data.tokenize_documents(self.tokenizer, _capped(texts, cap))
+        return data.tokenize_documents(self.tokenizer, data.files_within_bytes(texts, cap))
 
     def _build(self) -> None:
         c, mesh = self.config, self.mesh
@@ -223,9 +210,7 @@ class Distillation:
                   "prompts": int(len(windows)), "prompt_len": ec.prompt_len, "new_tokens": ec.new_tokens,
                   "top_k": ec.top_k, **result}
         if jax.process_index() == 0:
-            tmp = self.out_dir / ".eval.json.tmp"
-            tmp.write_text(json.dumps(record, indent=2))
-            os.replace(tmp, self.out_dir / "eval.json")
+            write_json_atomically(self.out_dir / "eval.json", record)
         return record
 
     def close(self) -> None:

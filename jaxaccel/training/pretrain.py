@@ -14,7 +14,6 @@ changes, so a run resumed from a checkpoint continues exactly as an uninterrupte
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from jax.sharding import Mesh
 from jaxaccel import data
 from jaxaccel.checkpoint import TrainCheckpointer, restore_or_init
 from jaxaccel.config import ModelConfig
+from jaxaccel.files import write_json_atomically
 from jaxaccel.hf import save_hf
 from jaxaccel.sharding import batch_sharding, make_mesh
 from jaxaccel.training import loop, optim
@@ -90,20 +90,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _capped(texts: list[str], max_bytes: int | None) -> list[str]:
-    """Whole files, in corpus order, that fit in max_bytes together (at least one file)."""
-    if max_bytes is None:
-        return texts
-    out, total = [], 0
-    for text in texts:
-        size = len(text.encode("utf-8"))
-        if out and total + size > max_bytes:
-            continue  # a smaller file further on may still fit
-        out.append(text)
-        total += size
-    return out
-
-
 class Pretraining:
     """A pretraining run in `out_dir`: built (and resumed from its latest checkpoint) on creation.
 
@@ -138,7 +124,7 @@ class Pretraining:
         tok_path = self.out_dir / "tokenizer.json"
         new_tokenizer = not tok_path.exists()
         if new_tokenizer:
-            self.tokenizer = data.train_tokenizer(_capped(self._texts("train"), tc.corpus_max_bytes),
+            self.tokenizer = data.train_tokenizer(data.files_within_bytes(self._texts("train"), tc.corpus_max_bytes),
                                                   model_config.vocab_size, max_bytes=tc.tokenizer_max_bytes)
         else:
             self.tokenizer = data.load_tokenizer(tok_path)
@@ -173,7 +159,7 @@ class Pretraining:
         cap = self.train_config.corpus_max_bytes
         if cap is None:
             return data.token_stream(self.tokenizer, split, self.cache_dir, self.extra_dirs, self.include_stdlib)
-        return data.tokenize_documents(self.tokenizer, _capped(self._texts(split), cap))
+        return data.tokenize_documents(self.tokenizer, data.files_within_bytes(self._texts(split), cap))
 
     def _build(self) -> None:
         tc, mesh = self.train_config, self.mesh
@@ -236,9 +222,7 @@ class Pretraining:
         result = self.evaluate("test", self.train_config.test_windows)
         record = {"split": "test", "step": int(self.state["step"]), **result}
         if jax.process_index() == 0:
-            tmp = self.out_dir / ".eval.json.tmp"
-            tmp.write_text(json.dumps(record, indent=2))
-            os.replace(tmp, self.out_dir / "eval.json")
+            write_json_atomically(self.out_dir / "eval.json", record)
         return record
 
     def export(self, path: str | os.PathLike | None = None) -> Path:

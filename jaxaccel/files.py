@@ -1,0 +1,31 @@
+"""Atomic file writes: readers see the old file or the new one, never half of one.
+
+Every file the project writes for others to read (model and heads directories, eval.json,
+checkpoint metadata) goes through here: written to a temporary name in the same directory,
+flushed, then renamed over the target. A killed writer leaves at most a hidden `.NAME.tmp`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` writes the content; it then replaces `target` in one rename."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomically(target: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
+    write_atomically(target, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=sort_keys)))
