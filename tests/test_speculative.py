@@ -11,7 +11,7 @@ from scipy import stats
 from jaxaccel import ModelConfig, Transformer
 from jaxaccel.decoding import AutoregressiveDecoder, Sampler
 from jaxaccel.decoding.speculative import SpeculativeDecoder
-from jaxaccel.decoding.tree import Tree
+from jaxaccel.decoding.tree import DynamicTree, Tree
 from jaxaccel.decoding.verify import TypicalAcceptance
 from jaxaccel.heads import HeadsConfig, make_heads
 
@@ -34,12 +34,13 @@ def heads_for(base, kind, **options):
     return heads
 
 
-@pytest.mark.parametrize("kind,options", [("medusa", {}), ("hydra", {"prefix_layer": True}), ("eagle", {})])
-def test_greedy_speculative_equals_autoregressive(base, kind, options):
+@pytest.mark.parametrize("kind,options,tree", [("medusa", {}, None), ("hydra", {"prefix_layer": True}, None),
+                                               ("eagle", {}, None), ("eagle", {}, DynamicTree(topk=3, depth=4, num_nodes=10))])
+def test_greedy_speculative_equals_autoregressive(base, kind, options, tree):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 11, 3, 8, 1)]
     want = AutoregressiveDecoder(base).generate(prompts, max_new_tokens=30, stop_tokens=[STOP])
-    got = SpeculativeDecoder(base, heads_for(base, kind, **options)).generate(
+    got = SpeculativeDecoder(base, heads_for(base, kind, **options), tree).generate(
         prompts, max_new_tokens=30, stop_tokens=[STOP])
     assert got.sequences() == want.sequences()
     assert any(s[-1] == STOP and len(s) < 30 for s in want.sequences()), "no row stopped on its stop token"
@@ -50,20 +51,23 @@ def test_greedy_speculative_equals_autoregressive(base, kind, options):
 def test_tree_deeper_than_heads_is_an_error(base):
     with pytest.raises(ValueError, match="5 levels deep, but these medusa heads draft only 4"):
         SpeculativeDecoder(base, heads_for(base, "medusa"), tree=Tree.chain(5))
+    with pytest.raises(ValueError, match="dynamic .* trees need eagle heads, not hydra"):
+        SpeculativeDecoder(base, heads_for(base, "hydra"), tree=DynamicTree(topk=2, depth=2, num_nodes=4))
 
 
 def first_tokens(result, k):
     return [tuple(s[:k]) for s in result.sequences()]
 
 
-def test_sampling_follows_the_base_distribution(base):
+@pytest.mark.parametrize("kind,tree", [("medusa", None), ("eagle", DynamicTree(topk=3, depth=3, num_nodes=8))])
+def test_sampling_follows_the_base_distribution(base, kind, tree):
     """Two-sample test over many independent rows: the first 3 tokens of speculative and of
     autoregressive sampling have the same joint law (top-k filtered, temperature 0.8)."""
     policy = Sampler(temperature=0.8, top_k=6)
     rows, k = 3000, 3
     prompts = [[11, 3, 25]] * rows
     ar = AutoregressiveDecoder(base).generate(prompts, policy=policy, max_new_tokens=k, seed=1)
-    spec_decoder = SpeculativeDecoder(base, heads_for(base, "medusa"))
+    spec_decoder = SpeculativeDecoder(base, heads_for(base, kind), tree)
     spec = spec_decoder.generate(prompts, policy=policy, max_new_tokens=k, seed=2)
     assert spec.mean_accepted_tokens() > 1.2  # drafts were accepted: the test exercises acceptance
 

@@ -1,5 +1,7 @@
 """Draft trees and the acceptance walk: greedy equals following the argmax; sampling is exact."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from scipy import stats
 
 from jaxaccel.decoding.sampling import Greedy, Sampler
-from jaxaccel.decoding.tree import DEFAULT_TREES, Tree
+from jaxaccel.decoding.tree import DEFAULT_TREES, DynamicTree, Tree, TreeBatch
 from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
 
 
@@ -100,3 +102,113 @@ def test_typical_acceptance_accepts_plausible_drafts():
     logits[0, :, 2] = 10.0  # the base is sure the next token is 2 everywhere
     verdict = verify_tree(tree, jnp.array([[7, 2, 2, 0]]), jnp.asarray(logits), TypicalAcceptance(), jax.random.key(0))
     assert int(verdict.num_nodes_b[0]) == 3 and int(verdict.bonus_b[0]) == 2
+
+
+@pytest.mark.parametrize("tree_name", ["chain", "medusa", "eagle"])
+def test_tree_batch_matches_the_static_buffers(tree_name):
+    tree = DEFAULT_TREES[tree_name]
+    layout = tree.batch(2)
+    for got, want in [(layout.mask_bnn, tree.mask_nn), (layout.ancestors_bnd, tree.ancestors_nd),
+                      (layout.children_bnc, tree.children_nc)]:
+        np.testing.assert_array_equal(np.asarray(got), np.broadcast_to(want, (2,) + want.shape))
+
+
+def reference_greedy_parents(parent_n, draft_n, logits_nv):
+    """The greedy walk over a tree given by parents (children offered in index order)."""
+    node, path = 0, [0]
+    while True:
+        target = int(np.argmax(logits_nv[node]))
+        nxt = [c for c in range(len(parent_n)) if parent_n[c] == node and draft_n[c] == target]
+        if not nxt:
+            return path, target
+        node = nxt[0]
+        path.append(node)
+
+
+def test_greedy_verdict_on_per_row_trees():
+    """Each row its own tree (the default eagle tree with its nodes shuffled per row)."""
+    tree = DEFAULT_TREES["eagle"]
+    rng = np.random.default_rng(1)
+    b, n, v = 48, tree.num_nodes, 4
+    parent_bn, depth_bn = np.zeros((b, n), np.int32), np.zeros((b, n), np.int32)
+    for r in range(b):
+        order = np.concatenate([[0], 1 + rng.permutation(n - 1)])  # new index i holds old node order[i]
+        new_of_old = np.argsort(order)
+        parent_bn[r] = [-1] + [new_of_old[tree.parent_n[old]] for old in order[1:]]
+        depth_bn[r] = tree.depth_n[order]
+    logits = rng.normal(size=(b, n, v)).astype(np.float32)
+    draft = rng.integers(0, v, (b, n)).astype(np.int32)
+    for r in range(b):
+        for i in range(1, n):
+            if rng.random() < 0.7:
+                draft[r, i] = logits[r, parent_bn[r, i]].argmax()
+    layout = TreeBatch(parent_bn=jnp.asarray(parent_bn), depth_bn=jnp.asarray(depth_bn), max_depth=tree.depth,
+                       max_children=tree.children_nc.shape[1])
+    verdict = verify_tree(layout, jnp.asarray(draft), jnp.asarray(logits), Greedy(), jax.random.key(0))
+    for r in range(b):
+        path, bonus = reference_greedy_parents(parent_bn[r], draft[r], logits[r])
+        assert int(verdict.num_nodes_b[r]) == len(path)
+        assert np.asarray(verdict.path_bd)[r, :len(path)].tolist() == path
+        assert int(verdict.bonus_b[r]) == bonus
+    assert float(verdict.num_nodes_b.mean()) > 1.5
+
+
+class _TokenFeatures:
+    """Stand-ins for eagle heads and a base model: an entry's predicted feature depends only on
+    its token and position, and the logits are a fixed projection of it (rounded to make ties)."""
+
+    def __init__(self, vocab, dim, decimals, seed):
+        rng = np.random.default_rng(seed)
+        self.embed_vd = jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32)
+        self.proj_dv = jnp.asarray(rng.normal(size=(dim, vocab)) * 2, jnp.float32)
+        self.decimals = decimals
+
+    def features(self, base, feats_bnd, tokens_bn, positions_bn, *, cache, mask):
+        return jnp.sin(self.embed_vd[tokens_bn] + positions_bn[..., None]), cache
+
+    def logits(self, feats_bnd):
+        return jnp.round(feats_bnd @ self.proj_dv, self.decimals)
+
+
+def reference_dynamic_tree(fake, root, start, topk, depth, num_nodes):
+    """EAGLE-2 in plain Python: (token path, cumulative log-probability) of the kept nodes."""
+    def expand(path):
+        token = path[-1] if path else root
+        feat = fake.features(None, None, jnp.array([[token]]), jnp.array([[start + len(path)]]), cache=None, mask=None)[0]
+        logp = np.asarray(jax.nn.log_softmax(fake.logits(feat)[0, 0]))
+        best = np.argsort(-logp, kind="stable")[:topk]
+        return [(path + (int(t),), float(logp[t])) for t in best]
+
+    candidates, frontier = {}, [((), 0.0)]
+    for level in range(depth):
+        children = [(p, s + lp) for q, s in frontier for p, lp in expand(q)]
+        candidates.update(children)
+        frontier = sorted(children, key=lambda c: -c[1])[:topk]
+    return sorted(candidates.items(), key=lambda c: -c[1])[:num_nodes - 1]
+
+
+@pytest.mark.parametrize("decimals", [4, 0])  # 0: heavy ties and saturated probabilities
+def test_dynamic_eagle_tree_is_prefix_closed_and_best(decimals):
+    from jaxaccel.decoding.drafters import DraftState, DynamicEagleDrafter
+
+    tree = DynamicTree(topk=3, depth=4, num_nodes=12)
+    fake = _TokenFeatures(vocab=11, dim=6, decimals=decimals, seed=decimals)
+    root_b, start_b = jnp.array([3, 7, 0]), jnp.array([5, 2, 9])
+    state = DraftState(cache=types.SimpleNamespace(lengths=start_b), head_input_bd=jnp.zeros((3, 6)))
+    draft_bn, layout = DynamicEagleDrafter(tree).draft(fake, fake, state, root_b)
+    draft_bn, parent_bn, depth_bn = map(np.asarray, (draft_bn, layout.parent_bn, layout.depth_bn))
+    for r in range(3):
+        assert parent_bn[r, 0] == -1 and depth_bn[r, 0] == 0 and draft_bn[r, 0] == root_b[r]
+        assert (parent_bn[r, 1:] >= 0).all(), parent_bn[r]  # every kept node's parent was kept
+        assert (depth_bn[r, 1:] == depth_bn[r, parent_bn[r, 1:]] + 1).all()
+        paths = {}
+        for i in range(tree.num_nodes):  # token path of each node, through its parents
+            p, node = [], i
+            while node > 0:
+                p.append(int(draft_bn[r, node]))
+                node = parent_bn[r, node]
+            paths[i] = tuple(reversed(p))
+        assert len(set(paths.values())) == tree.num_nodes  # siblings carry distinct tokens
+        if decimals:  # no ties: exactly the reference's nodes
+            want = reference_dynamic_tree(fake, int(root_b[r]), int(start_b[r]), tree.topk, tree.depth, tree.num_nodes)
+            assert sorted(paths[i] for i in range(1, tree.num_nodes)) == sorted(p for p, _ in want)

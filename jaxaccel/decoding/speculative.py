@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxaccel.cache import KVCache
-from jaxaccel.decoding.drafters import DRAFTERS, DraftState
+from jaxaccel.decoding.drafters import DraftState, make_drafter
 from jaxaccel.decoding.prompts import pad_prompts
 from jaxaccel.decoding.result import DecodeResult, stop_id_array
 from jaxaccel.decoding.sampling import Greedy, Policy
-from jaxaccel.decoding.tree import DEFAULT_TREES, Tree
+from jaxaccel.decoding.tree import DEFAULT_TREES, DynamicTree, Tree
 from jaxaccel.decoding.timing import median_seconds
 from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
 from jaxaccel.model import Transformer
@@ -54,10 +54,9 @@ def spec_prefill(graphdef, params, heads_graphdef, heads_params, cache: KVCache,
 
 def spec_step(model: Transformer, heads, state: SpecState, stop_ids, *, policy, drafter) -> SpecState:
     """Draft, verify, accept, commit: one base forward pass for every row."""
-    tree: Tree = drafter.tree
-    draft_bn = drafter.draft(model, heads, state.draft, state.root_b)
-    positions_bn = state.cache.lengths[:, None] + tree.depth_n
-    out = model.forward(draft_bn, positions_bn, cache=state.cache, mask=tree.mask_nn)
+    draft_bn, tree = drafter.draft(model, heads, state.draft, state.root_b)
+    positions_bn = state.cache.lengths[:, None] + tree.depth_bn
+    out = model.forward(draft_bn, positions_bn, cache=state.cache, mask=tree.mask_bnn)
     verdict = verify_tree(tree, draft_bn, out.logits, policy, jax.random.fold_in(state.key, state.step))
     active_b = ~state.result.done_b
     return SpecState(
@@ -97,10 +96,10 @@ def sample_policy(policy) -> Policy:
 class SpeculativeDecoder:
     """A base model and its draft heads, split once into (graphdef, params), ready to decode.
 
-    `tree`: a Tree, or None for the head kind's default.
+    `tree`: a Tree, a DynamicTree (EAGLE-2, eagle heads), or None for the head kind's default.
     """
 
-    def __init__(self, model: Transformer, heads, tree: Tree | None = None):
+    def __init__(self, model: Transformer, heads, tree: Tree | DynamicTree | None = None):
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
         self.heads_graphdef, self.heads_params = nnx.split(heads)
@@ -109,10 +108,10 @@ class SpeculativeDecoder:
             tree = Tree(tuple(p for p in DEFAULT_TREES[kind].paths if len(p) <= depth or kind == "eagle"))
         elif kind != "eagle" and tree.depth > depth:
             raise ValueError(f"the tree is {tree.depth} levels deep, but these {kind} heads draft only {depth}")
-        self.drafter = DRAFTERS[kind](tree)
+        self.drafter = make_drafter(kind, tree)
 
     @property
-    def tree(self) -> Tree:
+    def tree(self) -> Tree | DynamicTree:
         return self.drafter.tree
 
     def start(self, prompts: Sequence[Sequence[int]], *, policy, max_new_tokens: int,

@@ -1,9 +1,14 @@
-"""Static draft trees: the token-tree shapes a speculative step drafts and verifies.
+"""Draft trees: the token-tree shapes a speculative step drafts and verifies.
 
-Node 0 is the root: the base model's own next token, certain to be emitted. Every other node is
-a path of top-k ranks, Medusa-style: node (r1, ..., rd) is the r_d-th most likely draft at depth
-d below node (r1, ..., r_{d-1}). A tree is a frozen, hashable dataclass, so it is a static `jit`
-argument; its index buffers (parents, depths, ancestor mask, children) are numpy constants.
+Node 0 is the root: the base model's own next token, certain to be emitted.
+  `Tree`: a static tree. Every other node is a path of top-k ranks, Medusa-style: node
+      (r1, ..., rd) is the r_d-th most likely draft at depth d below node (r1, ..., r_{d-1}).
+      Its index buffers (parents, depths, ancestor mask, children) are numpy constants.
+  `DynamicTree`: EAGLE-2's recipe for a tree that each row grows anew every step: expand the
+      `topk` most probable nodes of each level by their top-`topk` drafts, then keep the
+      `num_nodes` nodes of highest cumulative draft probability.
+Both are frozen, hashable dataclasses (static `jit` arguments). Inside `jit`, verification and
+the cache see either one as a `TreeBatch`: each row's parents and depths as arrays.
 """
 
 from __future__ import annotations
@@ -14,7 +19,89 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class TreeBatch:
+    """One tree per row, as arrays: node 0 is the root; a parent's index may come before or
+    after its children's. Static: the deepest node's depth and the most children of any node."""
+
+    parent_bn: jax.Array  # [B, N] int32, -1 for the root
+    depth_bn: jax.Array  # [B, N] int32, root 0
+    max_depth: int = struct.field(pytree_node=False)
+    max_children: int = struct.field(pytree_node=False)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parent_bn.shape[1]
+
+    def _ups_bnk(self) -> jax.Array:
+        """[B, N, max_depth + 1] the ancestor k steps above each node (the root above the root)."""
+        parent_bn = jnp.maximum(self.parent_bn, 0)
+        ups = [jnp.broadcast_to(jnp.arange(self.num_nodes, dtype=jnp.int32), self.parent_bn.shape)]
+        for _ in range(self.max_depth):
+            ups.append(jnp.take_along_axis(parent_bn, ups[-1], axis=1))
+        return jnp.stack(ups, axis=-1)
+
+    @property
+    def mask_bnn(self) -> jax.Array:
+        """[B, N, N] node i sees node j iff j is i or an ancestor of i."""
+        ups_bnk = self._ups_bnk()
+        return jnp.any(ups_bnk[:, :, :, None] == jnp.arange(self.num_nodes)[None, None, None], axis=2)
+
+    @property
+    def ancestors_bnd(self) -> jax.Array:
+        """[B, N, max_depth + 1] the path root..node of each node, padded by repeating the node."""
+        ups_bnk = self._ups_bnk()
+        d = jnp.arange(self.max_depth + 1)
+        steps_up_bnd = jnp.clip(self.depth_bn[:, :, None] - d, 0, self.max_depth)
+        on_path = jnp.take_along_axis(ups_bnk, steps_up_bnd, axis=2)
+        return jnp.where(d <= self.depth_bn[:, :, None], on_path, jnp.arange(self.num_nodes)[None, :, None])
+
+    @property
+    def children_bnc(self) -> jax.Array:
+        """[B, N, max_children] each node's children in index order, padded with -1."""
+        n = self.num_nodes
+        node = jnp.arange(n)
+        is_child_bnm = self.parent_bn[:, None, :] == node[None, :, None]
+        # top_k of -index over the children picks them in index order; non-children score -n.
+        score, index = jax.lax.top_k(jnp.where(is_child_bnm, -node, -n), self.max_children)
+        return jnp.where(score > -n, index, -1).astype(jnp.int32)
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """EAGLE-2's dynamic tree: `depth` levels, each expanding the `topk` nodes of highest
+    cumulative draft log-probability by their top-`topk` drafts; the verified tree is the
+    `num_nodes` (root included) best of all drafted nodes. A child's cumulative probability never
+    exceeds its parent's, so the best nodes form a prefix-closed tree."""
+
+    topk: int = 8
+    depth: int = 6
+    num_nodes: int = 32
+
+    def __post_init__(self):
+        if self.topk < 1 or self.depth < 1:
+            raise ValueError(f"a dynamic tree needs topk >= 1 and depth >= 1, got topk={self.topk}, depth={self.depth}")
+        if not 2 <= self.num_nodes <= 1 + self.num_candidates:
+            raise ValueError(f"a dynamic tree of topk={self.topk}, depth={self.depth} drafts {self.num_candidates} "
+                             f"nodes, so num_nodes must be in [2, {1 + self.num_candidates}], got {self.num_nodes}")
+
+    @property
+    def num_candidates(self) -> int:
+        """Nodes drafted before reranking: topk at depth 1, topk**2 at every deeper level."""
+        return self.topk + (self.depth - 1) * self.topk ** 2
+
+    @property
+    def max_children(self) -> int:
+        return self.topk
+
+    def to_json(self) -> dict:
+        return {"dynamic": {"topk": self.topk, "depth": self.depth, "num_nodes": self.num_nodes}}
 
 
 @dataclass(frozen=True)
@@ -57,15 +144,29 @@ class Tree:
         return cls(tuple(chosen))
 
     @classmethod
-    def load(cls, path: str | Path) -> Tree:
-        """A tree from a JSON file holding a list of rank paths (`[[0], [1], [0, 0]]`)."""
+    def load(cls, path: str | Path) -> Tree | DynamicTree:
+        """A tree from a JSON file: a list of rank paths (`[[0], [1], [0, 0]]`), `{"paths": ...}`,
+        or `{"dynamic": {"topk": 8, "depth": 6, "num_nodes": 32}}` for a DynamicTree."""
         data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and "dynamic" in data:
+            return DynamicTree(**data["dynamic"])
         if isinstance(data, dict):
             data = data["paths"]
         return cls(tuple(tuple(p) for p in data))
 
+    def to_json(self) -> dict:
+        return {"paths": [list(p) for p in self.paths]}
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"paths": [list(p) for p in self.paths]}))
+        save_tree(self, path)
+
+    def batch(self, batch_size: int) -> TreeBatch:
+        """This tree for every row of a batch (constants that XLA folds)."""
+        def rows(x):
+            return jnp.broadcast_to(jnp.asarray(x), (batch_size, self.num_nodes))
+
+        return TreeBatch(parent_bn=rows(self.parent_n), depth_bn=rows(self.depth_n), max_depth=self.depth,
+                         max_children=self.children_nc.shape[1])
 
     @property
     def num_nodes(self) -> int:
@@ -137,3 +238,8 @@ DEFAULT_TREES = {
     "eagle": Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0),
                    (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0))),
 }
+
+
+def save_tree(tree: Tree | DynamicTree, path: str | Path) -> None:
+    """Writes a tree as JSON (what `Tree.load` reads)."""
+    Path(path).write_text(json.dumps(tree.to_json()))

@@ -16,6 +16,7 @@ its base probability clears an entropy-dependent threshold.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -24,7 +25,7 @@ import numpy as np
 from flax import struct
 
 from jaxaccel.decoding.sampling import Greedy, Policy, row_keys
-from jaxaccel.decoding.tree import Tree
+from jaxaccel.decoding.tree import Tree, TreeBatch
 
 
 @struct.dataclass
@@ -52,23 +53,26 @@ class TypicalAcceptance:
     temperature: float = 0.7
 
 
-def verify_tree(tree: Tree, draft_bn: jax.Array, logits_bnv: jax.Array, policy: Policy | TypicalAcceptance,
-                key: jax.Array) -> Verdict:
+def verify_tree(tree: Tree | TreeBatch, draft_bn: jax.Array, logits_bnv: jax.Array,
+                policy: Policy | TypicalAcceptance, key: jax.Array) -> Verdict:
     """Accepts a path through the tree for each row. draft_bn[b, i] is node i's token (node 0 the
-    root); `policy` is the sampling policy whose distribution the output must follow."""
+    root); `tree` is a static Tree or each row's own (TreeBatch); `policy` is the sampling policy
+    whose distribution the output must follow."""
+    if isinstance(tree, Tree):
+        tree = tree.batch(draft_bn.shape[0])
     if isinstance(policy, TypicalAcceptance):
         return _typical(tree, draft_bn, logits_bnv, policy)
     if isinstance(policy, Greedy):
         return _greedy(tree, draft_bn, logits_bnv)
     b, n, v = logits_bnv.shape
     probs_bnv = jax.nn.softmax(policy.filtered_logits(logits_bnv.reshape(b * n, v)), axis=-1).reshape(b, n, v)
-    last_b, bonus_b = jax.vmap(lambda d, p, k: _walk(tree, d, p, k))(draft_bn, probs_bnv, row_keys(key, b))
+    walk = functools.partial(_walk, tree.max_depth)
+    last_b, bonus_b = jax.vmap(walk)(tree.children_bnc, draft_bn, probs_bnv, row_keys(key, b))
     return _verdict(tree, last_b, bonus_b)
 
 
-def _walk(tree: Tree, draft_n: jax.Array, probs_nv: jax.Array, key: jax.Array):
+def _walk(depth: int, children_nc: jax.Array, draft_n: jax.Array, probs_nv: jax.Array, key: jax.Array):
     """One row's recursive rejection sampling down the tree -> (last accepted node, bonus token)."""
-    children_nc = jnp.asarray(tree.children_nc)
     width = children_nc.shape[1]
 
     def offer_child(carry, slot_and_depth):
@@ -93,44 +97,51 @@ def _walk(tree: Tree, draft_n: jax.Array, probs_nv: jax.Array, key: jax.Array):
         return (node, residual_v, stopped | ~advanced), None
 
     init = (jnp.int32(0), probs_nv[0], jnp.bool_(False))
-    (last, residual_v, _), _ = jax.lax.scan(descend, init, jnp.arange(tree.depth))
-    bonus = jax.random.categorical(jax.random.fold_in(key, tree.depth * width), jnp.log(residual_v))
+    (last, residual_v, _), _ = jax.lax.scan(descend, init, jnp.arange(depth))
+    bonus = jax.random.categorical(jax.random.fold_in(key, depth * width), jnp.log(residual_v))
     return last, bonus.astype(jnp.int32)
 
 
-def _greedy(tree: Tree, draft_bn, logits_bnv) -> Verdict:
+def _drafts_parent_chose(tree: TreeBatch, draft_bn, choice_bn) -> jax.Array:
+    """[B, N] whether each node's token is its parent's choice (choice_bn: per node)."""
+    return draft_bn == jnp.take_along_axis(choice_bn, jnp.maximum(tree.parent_bn, 0), axis=1)
+
+
+def _greedy(tree: TreeBatch, draft_bn, logits_bnv) -> Verdict:
     """The walk with one-hot distributions, without its sequential steps: a node is accepted when
     it and its ancestors each carry their parent's argmax and no earlier sibling does (the walk
     offers siblings in order), so the accepted nodes form one path; the bonus token is the argmax
     after the deepest of them."""
     target_bn = jnp.argmax(logits_bnv, axis=-1).astype(jnp.int32)
-    parent_n = jnp.maximum(jnp.asarray(tree.parent_n), 0)
-    correct_bn = draft_bn == target_bn[:, parent_n]
+    correct_bn = _drafts_parent_chose(tree, draft_bn, target_bn)
     n = tree.num_nodes
-    earlier_sibling_nn = (tree.parent_n[:, None] == tree.parent_n[None, :]) & (np.arange(n)[None, :] < np.arange(n)[:, None])
-    shadowed_bn = jnp.any(correct_bn[:, None, :] & earlier_sibling_nn[None], axis=-1)
+    earlier_sibling_bnn = ((tree.parent_bn[:, :, None] == tree.parent_bn[:, None, :])
+                           & (np.arange(n)[None, :] < np.arange(n)[:, None]))
+    shadowed_bn = jnp.any(correct_bn[:, None, :] & earlier_sibling_bnn, axis=-1)
     return _deepest_accepted(tree, (correct_bn & ~shadowed_bn).at[:, 0].set(True), target_bn)
 
 
-def _deepest_accepted(tree: Tree, correct_bn, next_bn) -> Verdict:
+def _deepest_accepted(tree: TreeBatch, correct_bn, next_bn) -> Verdict:
     """Accepts the deepest node whose path is correct throughout (the first such on ties); the
     bonus token is next_bn at that node."""
-    accepted_bn = jnp.all(jnp.where(jnp.asarray(tree.mask_nn)[None], correct_bn[:, None, :], True), axis=-1)
-    last_b = jnp.argmax(jnp.where(accepted_bn, jnp.asarray(tree.depth_n)[None], -1), axis=1).astype(jnp.int32)
+    accepted_bn = jnp.all(jnp.where(tree.mask_bnn, correct_bn[:, None, :], True), axis=-1)
+    last_b = jnp.argmax(jnp.where(accepted_bn, tree.depth_bn, -1), axis=1).astype(jnp.int32)
     return _verdict(tree, last_b, jnp.take_along_axis(next_bn, last_b[:, None], axis=1)[:, 0])
 
 
-def _typical(tree: Tree, draft_bn, logits_bnv, rule: TypicalAcceptance) -> Verdict:
+def _typical(tree: TreeBatch, draft_bn, logits_bnv, rule: TypicalAcceptance) -> Verdict:
     logp_bnv = jax.nn.log_softmax(logits_bnv.astype(jnp.float32) / rule.temperature, axis=-1)
     entropy_bn = -jnp.sum(jnp.exp(logp_bnv) * logp_bnv, axis=-1)
     threshold_bn = jnp.minimum(rule.epsilon, rule.delta * jnp.exp(-entropy_bn))
-    parent_n = jnp.maximum(jnp.asarray(tree.parent_n), 0)
+    parent_bn = jnp.maximum(tree.parent_bn, 0)
     # Node i is plausible if its token clears the threshold of its parent's distribution.
-    logp_of_draft_bn = jnp.take_along_axis(logp_bnv[:, parent_n], draft_bn[:, :, None], axis=2)[..., 0]
-    plausible_bn = (jnp.exp(logp_of_draft_bn) > threshold_bn[:, parent_n]).at[:, 0].set(True)
+    logp_parent_bnv = jnp.take_along_axis(logp_bnv, parent_bn[:, :, None], axis=1)
+    logp_of_draft_bn = jnp.take_along_axis(logp_parent_bnv, draft_bn[:, :, None], axis=2)[..., 0]
+    plausible_bn = (jnp.exp(logp_of_draft_bn) > jnp.take_along_axis(threshold_bn, parent_bn, axis=1)).at[:, 0].set(True)
     return _deepest_accepted(tree, plausible_bn, jnp.argmax(logits_bnv, axis=-1).astype(jnp.int32))
 
 
-def _verdict(tree: Tree, last_b: jax.Array, bonus_b: jax.Array) -> Verdict:
-    return Verdict(path_bd=jnp.asarray(tree.ancestors_nd)[last_b],
-                   num_nodes_b=jnp.asarray(tree.depth_n)[last_b] + 1, bonus_b=bonus_b)
+def _verdict(tree: TreeBatch, last_b: jax.Array, bonus_b: jax.Array) -> Verdict:
+    path_bd = jnp.take_along_axis(tree.ancestors_bnd, last_b[:, None, None], axis=1)[:, 0]
+    depth_b = jnp.take_along_axis(tree.depth_bn, last_b[:, None], axis=1)[:, 0]
+    return Verdict(path_bd=path_bd, num_nodes_b=depth_b + 1, bonus_b=bonus_b)

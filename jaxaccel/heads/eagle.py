@@ -91,9 +91,16 @@ class EagleDrafter(nnx.Module):
         """n entries per row: features at their positions and the tokens one position later.
         Positions default to consecutive after the cache; mask [n, n] or [B, n, n] among the new
         entries, default causal."""
-        x_bnd = self.fuse(base, features_bnd, tokens_bn)
-        feats_bnd, cache = run_decoder_layer(self.layer, x_bnd, positions_bn, cache=cache, mask=mask)
+        feats_bnd, cache = self.features(base, features_bnd, tokens_bn, positions_bn, cache=cache, mask=mask)
         return EagleOutput(features=feats_bnd, logits=base.logits(feats_bnd), cache=cache)
+
+    def features(self, base: Transformer, features_bnd: jax.Array, tokens_bn: jax.Array,
+                 positions_bn: jax.Array | None = None, *, cache: KVCache | None = None,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """`forward` without the LM head: the predicted features [B, n, d] and the cache (drafting
+        projects only the entries it expands)."""
+        x_bnd = self.fuse(base, features_bnd, tokens_bn)
+        return run_decoder_layer(self.layer, x_bnd, positions_bn, cache=cache, mask=mask)
 
     def teacher_forced(self, base: Transformer, hidden_btd: jax.Array, tokens_bt: jax.Array, depth: int) -> DraftOutput:
         """`depth` draft steps from every position, each on the previous step's predicted features."""
