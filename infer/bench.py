@@ -138,7 +138,8 @@ def main(argv=None) -> int:
                         "torch's own; on an oversubscribed machine its thread barriers can slow it several-fold)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
     parser.add_argument("--heads", type=Path, action="append", default=[], help="heads directory (repeatable)")
-    parser.add_argument("--tree", help="default | chain | auto | FILE.json (speculative rows)")
+    parser.add_argument("--tree", action="append", help="default | chain | auto | dynamic[:TOPK,DEPTH,NODES] "
+                        "(EAGLE-2) | FILE.json (speculative rows; repeatable: one row per heads and tree)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--num-prompts", type=int, default=8, help="test-split prompts for the speculative rows")
     parser.add_argument("--tune-tree", action="store_true", help="choose and save the best tree for each --heads")
@@ -220,7 +221,7 @@ def speculative_main(args) -> int:
                           f"{row['step_ms']:.1f} ms/step -> {row['expected_tokens_per_s']:.1f} tokens/s")
             return 0
         prompts = make_prompts(args.model, model.config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
-        report = spec_bench.speculative_report(model, args.model, args.heads, prompts, tree_spec=args.tree,
+        report = spec_bench.speculative_report(model, args.model, args.heads, prompts, tree_specs=args.tree or [None],
                                                temperatures=args.temperatures, max_new_tokens=args.max_new_tokens,
                                                repeats=args.repeats, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:  # HeadsMismatchError and ModelDirectoryError are ValueErrors

@@ -37,7 +37,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, help="prompts per batch (default: all)")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
     parser.add_argument("--heads", type=Path, help="draft heads directory: decode speculatively")
-    parser.add_argument("--tree", help="with --heads: default | chain | auto (tuned by infer.bench --tune-tree) | FILE.json")
+    parser.add_argument("--tree", help="with --heads: default | chain | auto (tuned by infer.bench --tune-tree) | "
+                        "dynamic[:TOPK,DEPTH,NODES] (EAGLE-2, eagle heads) | FILE.json")
     return parser.parse_args(argv)
 
 

@@ -21,13 +21,20 @@ TUNE_MAX_RANK = 8
 
 
 def resolve_tree(spec: str | None, heads_dir: Path, heads):
-    """--tree: None/'default' (the kind's default), 'chain', 'auto' (tuned, saved with the heads) or a JSON file."""
-    from jaxaccel.decoding.tree import Tree
+    """--tree: None/'default' (the kind's default), 'chain', 'auto' (tuned, saved with the heads),
+    'dynamic' or 'dynamic:TOPK,DEPTH,NODES' (EAGLE-2, eagle heads), or a JSON file."""
+    from jaxaccel.decoding.tree import DynamicTree, Tree
 
     if spec in (None, "default"):
         return None
     if spec == "chain":
         return Tree.chain(heads.config.num_heads)
+    if spec.startswith("dynamic"):
+        fields = spec.partition(":")[2]
+        try:
+            return DynamicTree(*(int(x) for x in fields.split(","))) if fields else DynamicTree()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--tree {spec}: expected dynamic or dynamic:TOPK,DEPTH,NODES ({e})") from None
     path = heads_dir / "tree.json" if spec == "auto" else Path(spec)
     if not path.is_file():
         hint = f"; run `python -m infer.bench --model MODEL --heads {heads_dir} --tune-tree` first" if spec == "auto" else ""
@@ -53,8 +60,10 @@ def time_prompts(decoder, prompts, *, policy, max_new_tokens: int, stop, repeats
             "seconds": seconds, "sequences": sequences}
 
 
-def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, *, tree_spec, temperatures,
+def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, *, tree_specs, temperatures,
                        max_new_tokens: int, repeats: int, seed: int) -> dict:
+    """Rows for ar and for every (heads directory, tree spec) pair; `tree_specs`: --tree values
+    (a list; [None] for each kind's default)."""
     from jaxaccel.decoding import AutoregressiveDecoder, make_policy
     from jaxaccel.decoding.speculative import SpeculativeDecoder
     from jaxaccel.decoding.text import stop_tokens
@@ -65,10 +74,14 @@ def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, 
     trees = {}
     for heads_dir in heads_dirs:
         heads = load_heads(heads_dir, model_dir)
-        decoder = SpeculativeDecoder(model, heads, resolve_tree(tree_spec, heads_dir, heads))
-        name = heads.config.kind if heads.config.kind not in decoders else f"{heads.config.kind} ({heads_dir.name})"
-        decoders[name] = decoder
-        trees[name] = {"num_nodes": decoder.tree.num_nodes, "depth": decoder.tree.depth, "heads": str(heads_dir)}
+        for tree_spec in tree_specs:
+            decoder = SpeculativeDecoder(model, heads, resolve_tree(tree_spec, heads_dir, heads))
+            name = heads.config.kind if len(tree_specs) == 1 else f"{heads.config.kind} ({tree_spec or 'default'})"
+            if name in decoders:
+                name = f"{name} [{heads_dir}]"
+            decoders[name] = decoder
+            trees[name] = {"num_nodes": decoder.tree.num_nodes, "depth": decoder.tree.depth, "heads": str(heads_dir),
+                           "tree": tree_spec or "default"}
     rows = []
     for temperature in temperatures:
         policy = make_policy(temperature)

@@ -176,6 +176,10 @@ def test_generate_and_bench_with_heads(runs, base_dir, capsys):
     assert generate.main(prompt + ["--heads", str(heads_dir)]) == 0
     spec = json.loads(capsys.readouterr().out)
     assert spec["tokens"] == ar["tokens"] and spec["mean_accepted_tokens"] >= 1.0
+    assert generate.main(prompt + ["--heads", str(heads_dir), "--tree", "dynamic:3,3,8"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == ar["tokens"]  # EAGLE-2 dynamic tree
+    assert generate.main(prompt + ["--heads", str(heads_dir), "--tree", "dynamic:0,3,8"]) == 2
+    assert "dynamic tree needs topk >= 1" in capsys.readouterr().err
 
     common = ["--model", str(base_dir), "--heads", str(heads_dir), "--prompt-len", "16", "--max-new-tokens", "16"]
     assert bench.main(common + ["--tune-tree"]) == 0
@@ -184,4 +188,8 @@ def test_generate_and_bench_with_heads(runs, base_dir, capsys):
     assert bench.main(common + ["--tree", "auto", "--num-prompts", "2", "--repeats", "1", "--temperatures", "0"]) == 0
     table = capsys.readouterr().out
     assert "| eagle | 0 |" in table and "| yes |" in table and "**no**" not in table
+    assert bench.main(common + ["--tree", "auto", "--tree", "dynamic:3,3,8", "--num-prompts", "2", "--repeats", "1",
+                                "--temperatures", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "| eagle (auto) | 0 |" in table and "| eagle (dynamic:3,3,8) | 0 |" in table and "**no**" not in table
     assert generate.main(prompt + ["--tree", "chain"]) == 2  # --tree without --heads
