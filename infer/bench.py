@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infer.generate import attention_override
 from jaxaccel.config import ModelConfig
 
 
@@ -44,14 +45,15 @@ def random_config(megabytes: float) -> ModelConfig:
     return base.replace(num_layers=layers)
 
 
-def build_random(megabytes: float, seed: int, directory: Path):
-    """A random-init model of `random_config(megabytes)`, also saved to `directory` for transformers."""
+def build_random(megabytes: float, seed: int, directory: Path, **overrides):
+    """A random-init model of `random_config(megabytes)` (with config `overrides`), also saved to
+    `directory` for transformers."""
     from flax import nnx
 
     from jaxaccel.hf import save_hf
     from jaxaccel.model import Transformer
 
-    model = Transformer(random_config(megabytes), rngs=nnx.Rngs(seed))
+    model = Transformer(random_config(megabytes).replace(**overrides), rngs=nnx.Rngs(seed))
     save_hf(model, directory)
     return model
 
@@ -143,7 +145,21 @@ def main(argv=None) -> int:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--num-prompts", type=int, default=8, help="test-split prompts for the speculative rows")
     parser.add_argument("--tune-tree", action="store_true", help="choose and save the best tree for each --heads")
+    parser.add_argument("--attention-impl", choices=("auto", "xla", "pallas"),
+                        help="attention implementation (default: the model config's; 'auto': Pallas on GPU, XLA elsewhere)")
+    from infer import long_context_bench
+
+    parser.add_argument("--long-context", action="store_true", help="the attention kinds at long contexts "
+                        "(infer/long_context_bench.py; --out DIR gets long_context.json)")
+    long_context_bench.add_arguments(parser.add_argument_group("--long-context"))
     args = parser.parse_args(argv)
+    if args.long_context:
+        if args.model is None or len(args.heads) > 1:
+            print("error: --long-context needs --model DIR and at most one --heads DIR", file=sys.stderr)
+            return 2
+        args.heads = args.heads[0] if args.heads else None
+        args.out = None if args.out is None else args.out / "long_context.json"
+        return long_context_bench.main_with(args)
     if args.heads or args.tune_tree:
         return speculative_main(args)
 
@@ -157,10 +173,10 @@ def main(argv=None) -> int:
         try:
             if args.model is not None:
                 model_dir = args.model
-                model = load_hf(model_dir)
+                model = load_hf(model_dir, **attention_override(args))
             else:
                 model_dir = Path(tmp)
-                model = build_random(args.random_params, args.seed, model_dir)
+                model = build_random(args.random_params, args.seed, model_dir, **attention_override(args))
             prompts = make_prompts(model_dir, model.config.vocab_size, args.batch_size, args.prompt_len, args.seed)
             decoder = AutoregressiveDecoder(model)
             ours = time_decode(decoder, prompts, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
@@ -208,7 +224,7 @@ def speculative_main(args) -> int:
         print("error: --heads and --tune-tree need --model DIR and at least one --heads DIR", file=sys.stderr)
         return 2
     try:
-        model = load_hf(args.model)
+        model = load_hf(args.model, **attention_override(args))
         if args.tune_tree:
             tuning = make_prompts(args.model, model.config.vocab_size, 16, args.prompt_len, args.seed + 1,
                                   split="validation")

@@ -39,7 +39,15 @@ def parse_args(argv):
     parser.add_argument("--heads", type=Path, help="draft heads directory: decode speculatively")
     parser.add_argument("--tree", help="with --heads: default | chain | auto (tuned by infer.bench --tune-tree) | "
                         "dynamic[:TOPK,DEPTH,NODES] (EAGLE-2, eagle heads) | FILE.json")
+    parser.add_argument("--attention-impl", choices=("auto", "xla", "pallas"),
+                        help="attention implementation (default: the model config's; 'auto': Pallas kernels on "
+                        "GPU, XLA on CPU and TPU; 'pallas' on CPU runs the Pallas interpreter, slowly)")
     return parser.parse_args(argv)
+
+
+def attention_override(args) -> dict:
+    """load_hf overrides for --attention-impl (none when the flag is absent)."""
+    return {} if args.attention_impl is None else {"attention_impl": args.attention_impl}
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -58,7 +66,7 @@ def run(args) -> list[dict]:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     texts = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
-    model = load_hf(args.model)
+    model = load_hf(args.model, **attention_override(args))
     tokenizer = load_model_tokenizer(args.model)
     prompts = encode_prompts(tokenizer, texts)
     config = model.config

@@ -28,4 +28,5 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) ->
 
 
 def write_json_atomically(target: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
+    """`obj` as indented JSON at `target`, atomically (see `write_atomically`)."""
     write_atomically(target, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=sort_keys)))

@@ -8,6 +8,7 @@ parameters and takes each one's tensor, so a missing, misshapen or unexpected te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxaccel.config import ModelConfig, RopeScaling
+from jaxaccel.config import ModelConfig, MoESpec, RopeScaling
 from jaxaccel.files import write_atomically, write_json_atomically
 from jaxaccel.model import Transformer
 
@@ -29,10 +30,16 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+# A MoE family's attention and dense layers are those of this dense family.
+DENSE_FAMILY = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 # Tensors some exporters write that carry no weights of ours.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 INDEX_FILE = "model.safetensors.index.json"
+ATTENTION_KEY = "jaxaccel_attention"  # config.json key of ModelConfig.attention (an AttentionSpec)
 
 
 class ModelDirectoryError(ValueError):
@@ -50,6 +57,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         arch = hf.get("architectures") or [family]
         raise ModelDirectoryError(f"unsupported architecture {arch[0]!r} (model_type {family!r}); "
                                   f"supported: {sorted(ARCHITECTURES.values())}")
+    attn = DENSE_FAMILY.get(family, family)
     if hf.get("hidden_act", "silu") != "silu":
         raise ModelDirectoryError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu' is implemented")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -66,8 +74,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     else:
         raise ModelDirectoryError(f"unsupported rope_type {rope_kind!r}; supported: default, linear, llama3")
     bias = bool(hf.get("attention_bias", False))
-    sliding_window = hf.get("sliding_window") if family == "mistral" else None
-    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    sliding_window = hf.get("sliding_window") if attn == "mistral" else None
+    if attn in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         raise ModelDirectoryError(f"{family} with use_sliding_window=true (per-layer windows) is not supported")
     eos = hf.get("eos_token_id")
     fields = dict(
@@ -84,20 +92,68 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         rope_scaling=scaling,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=True if family == "qwen2" else bias,
-        o_bias=bias if family in ("llama", "qwen3") else False,
-        mlp_bias=bool(hf.get("mlp_bias", False)) if family == "llama" else False,
-        qk_norm=family == "qwen3",
+        qkv_bias=True if attn == "qwen2" else bias,
+        o_bias=bias if attn in ("llama", "qwen3") else False,
+        mlp_bias=bool(hf.get("mlp_bias", False)) if attn == "llama" else False,
+        qk_norm=attn == "qwen3",
+        moe=moe_from_hf(hf) if family in DENSE_FAMILY else None,
         sliding_window=sliding_window,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        attention=hf.get(ATTENTION_KEY),  # our own key: per-layer attention kinds (absent: full)
     )
     return ModelConfig(**fields).replace(**overrides)
 
 
+def moe_from_hf(hf: dict[str, Any]) -> MoESpec:
+    """The MoESpec of a Mixtral / Qwen2-MoE / Qwen3-MoE config dict."""
+    family = hf["model_type"]
+    fields = dict(num_experts=hf.get("num_local_experts") or hf.get("num_experts"), top_k=hf["num_experts_per_tok"],
+                  load_balance_weight=hf.get("router_aux_loss_coef", 0.01))
+    if family == "mixtral":
+        return MoESpec(**fields)  # experts are intermediate_size wide; top-k weights normalised
+    fields.update(intermediate_size=hf["moe_intermediate_size"], normalize_top_k=bool(hf.get("norm_topk_prob", False)),
+                  layer_step=hf.get("decoder_sparse_step", 1), dense_layers=tuple(hf.get("mlp_only_layers") or ()))
+    if family == "qwen2_moe":
+        fields.update(shared_intermediate_size=hf["shared_expert_intermediate_size"], shared_expert_gate=True)
+    return MoESpec(**fields)
+
+
+def moe_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The MoE fields of a Mixtral / Qwen-MoE config dict; raises if the family cannot express `config.moe`."""
+    family, m = config.family, config.moe
+    if m is None:
+        raise ValueError(f"a {family} checkpoint needs MoE layers, but config.moe is None")
+    expected = dict(router="softmax")
+    if family == "mixtral":
+        expected.update(normalize_top_k=True, shared_intermediate_size=0, layer_step=1, dense_layers=())
+    elif family == "qwen2_moe":
+        expected.update(shared_expert_gate=True)
+    else:
+        expected.update(shared_intermediate_size=0)
+    wrong = {k: getattr(m, k) for k, v in expected.items() if getattr(m, k) != v}
+    if family == "mixtral" and config.moe_intermediate_size != config.intermediate_size:
+        wrong["intermediate_size"] = m.intermediate_size  # Mixtral's experts are intermediate_size wide
+    if family == "qwen2_moe" and not m.shared_intermediate_size:
+        wrong["shared_intermediate_size"] = 0
+    if wrong:
+        raise ValueError(f"a {family} checkpoint cannot express moe {wrong}")
+    hf = {"num_experts_per_tok": m.top_k, "router_aux_loss_coef": m.load_balance_weight, "output_router_logits": False}
+    if family == "mixtral":
+        return {**hf, "num_local_experts": m.num_experts, "router_jitter_noise": 0.0}
+    hf.update(num_experts=m.num_experts, moe_intermediate_size=config.moe_intermediate_size,
+              norm_topk_prob=m.normalize_top_k, decoder_sparse_step=m.layer_step, mlp_only_layers=list(m.dense_layers))
+    if family == "qwen2_moe":
+        hf["shared_expert_intermediate_size"] = m.shared_intermediate_size
+    return hf
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A Hugging Face config dict for `config`; raises if the family cannot express it."""
-    family = config.family
+    family = DENSE_FAMILY.get(config.family, config.family)
+    if config.moe is not None and config.family not in DENSE_FAMILY:
+        raise ValueError(f"a {family} checkpoint cannot express MoE layers; use family "
+                         f"{sorted(DENSE_FAMILY)[0]!r}, {sorted(DENSE_FAMILY)[1]!r} or {sorted(DENSE_FAMILY)[2]!r}")
     expected = {
         "llama": dict(qk_norm=False, o_bias=config.qkv_bias, sliding_window=None),
         "qwen2": dict(qk_norm=False, qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=None),
@@ -115,8 +171,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                         original_max_position_embeddings=s.original_max_position)
     hf = {
-        "architectures": [ARCHITECTURES[family]],
-        "model_type": family,
+        "architectures": [ARCHITECTURES[config.family]],
+        "model_type": config.family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -143,6 +199,10 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf["sliding_window"] = config.sliding_window
     if family in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=False, sliding_window=None)
+    if config.family in DENSE_FAMILY:
+        hf.update(moe_to_hf(config))
+    if config.attention is not None:  # duo / block_sparse / linear / hybrids: read back by config_from_hf
+        hf[ATTENTION_KEY] = dataclasses.asdict(config.attention)
     return hf
 
 
@@ -150,12 +210,73 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 # weights
 
 
-def hf_name(path: tuple) -> tuple[str, bool]:
-    """Checkpoint name of one of our parameters, and whether it is stored transposed ([out, in])."""
+# Our stacked expert weights [E, ...] -> the per-expert tensor name in each MoE family.
+MIXTRAL_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def hf_name(path: tuple, family: str = "llama") -> tuple[str, bool]:
+    """Checkpoint name of one of our parameters, and whether it is stored transposed ([out, in]).
+    For a stacked expert weight [E, ...], the name has an `{e}` placeholder for the expert."""
     *module, leaf = (str(p) for p in path)
+    if family == "mixtral" and len(module) > 2 and module[2] == "mlp":
+        module[2] = "block_sparse_moe"
+    if len(module) > 3 and module[3] == "experts":  # layers.i.mlp.experts.<projection>
+        proj = MIXTRAL_EXPERTS[leaf] if family == "mixtral" else leaf
+        return f"model.{'.'.join(module)}.{{e}}.{proj}.weight", True
     prefix = "" if module[0] == "lm_head" else "model."
     suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
     return f"{prefix}{'.'.join(module)}.{suffix}", leaf == "kernel"
+
+
+def _read_param(name: str, transposed: bool, shape: tuple[int, ...], where: dict[str, Path], path: Path,
+                used: set[str]) -> jax.Array:
+    """One parameter's tensor from the checkpoint (an expert stack: E tensors stacked), checked.
+    Mixtral names (`block_sparse_moe`) and per-expert tensors are what transformers' save_pretrained
+    writes; the fused layout of its modules (`mlp.experts.gate_up_proj` [E, 2f, d], `down_proj`
+    [E, d, f]) is read too."""
+    if name not in where and "block_sparse_moe" in name and name.replace("block_sparse_moe", "mlp") in where:
+        name = name.replace("block_sparse_moe", "mlp")
+    if "{e}" in name and name.format(e=0) not in where:
+        fused = _read_fused_experts(name, shape, where, path, used)
+        if fused is not None:
+            return fused
+    names = [name.format(e=e) for e in range(shape[0])] if "{e}" in name else [name]
+    parts = []
+    for one in names:
+        if one not in where:
+            raise ModelDirectoryError(f"{path} is missing tensor {one!r}")
+        tensor = _read_tensor(where[one], one)
+        expected = shape[1:] if "{e}" in name else shape
+        expected = expected[::-1] if transposed else expected
+        if tuple(tensor.shape) != tuple(expected):
+            raise ModelDirectoryError(f"tensor {one!r} in {path} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(expected)} for this config.json")
+        parts.append(tensor.T if transposed else tensor)
+        used.add(one)
+    return jnp.stack(parts) if "{e}" in name else parts[0]
+
+
+def _read_fused_experts(name: str, shape: tuple[int, ...], where: dict[str, Path], path: Path,
+                        used: set[str]) -> jax.Array | None:
+    """Our expert stack [E, d, f] / [E, f, d] from transformers' fused 3D tensors, or None if absent."""
+    base, proj = name.replace("block_sparse_moe", "mlp").split(".{e}.")
+    part = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down",
+            "down_proj": "down"}[proj.removesuffix(".weight")]
+    fused = f"{base}.{'down_proj' if part == 'down' else 'gate_up_proj'}"
+    if fused not in where:
+        return None
+    tensor = _read_tensor(where[fused], fused)
+    e, rows, cols = shape
+    expected = (e, cols, rows) if part == "down" else (e, 2 * cols, rows)
+    if tuple(tensor.shape) != expected:
+        raise ModelDirectoryError(f"tensor {fused!r} in {path} has shape {tuple(tensor.shape)}, "
+                                  f"expected {expected} for this config.json")
+    used.add(fused)
+    if part == "gate":
+        tensor = tensor[:, :cols]
+    elif part == "up":
+        tensor = tensor[:, cols:]
+    return jnp.swapaxes(tensor, 1, 2)
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -180,7 +301,7 @@ def _read_tensor(file: Path, name: str) -> jax.Array:
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", **overrides: Any) -> Transformer:
-    """Loads a Llama / Qwen2 / Qwen3 / Mistral model directory as a Transformer.
+    """Loads a Llama / Qwen2 / Qwen3 / Mistral / Mixtral / Qwen2-MoE / Qwen3-MoE model directory as a Transformer.
 
     `dtype` is the parameter and activation dtype; `overrides` change other config fields
     (e.g. attention_impl="pallas").
@@ -198,19 +319,9 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", **overrides: Any) -
     used = set()
     leaves = []
     for param_path, variable in flat:
-        name, transposed = hf_name(param_path)
-        if name not in where:
-            raise ModelDirectoryError(f"{path} is missing tensor {name!r}")
-        tensor = _read_tensor(where[name], name)
-        if transposed:
-            tensor = tensor.T
-        if tensor.shape != variable.shape:
-            shape = tensor.T.shape if transposed else tensor.shape
-            expected = variable.shape[::-1] if transposed else variable.shape
-            raise ModelDirectoryError(f"tensor {name!r} in {path} has shape {tuple(shape)}, "
-                                      f"expected {tuple(expected)} for this config.json")
+        name, transposed = hf_name(param_path, config.family)
+        tensor = _read_param(name, transposed, tuple(variable.shape), where, path, used)
         leaves.append(variable.replace(jnp.asarray(tensor, jnp.dtype(dtype))))
-        used.add(name)
     unexpected = sorted(n for n in set(where) - used
                         if not n.endswith(IGNORED_SUFFIXES) and not (config.tie_embeddings and n == "lm_head.weight"))
     if unexpected:
@@ -230,9 +341,10 @@ def save_hf(model: Transformer, path: str | os.PathLike, tokenizer=None,
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transposed = hf_name(param_path)
+        name, transposed = hf_name(param_path, model.config.family)
         value = np.asarray(jax.device_get(variable[...]))
-        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+        for one, part in ([(name.format(e=e), v) for e, v in enumerate(value)] if "{e}" in name else [(name, value)]):
+            tensors[one] = np.ascontiguousarray(part.T if transposed else part)
 
     shards, current, size = [], {}, 0
     for name in sorted(tensors):

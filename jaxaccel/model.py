@@ -18,9 +18,11 @@ from flax import nnx, struct
 
 from jaxaccel.cache import KVCache
 from jaxaccel.config import ModelConfig
-from jaxaccel.layers.attention import Attention, visible_keys
+from jaxaccel.layers.attention_kinds import make_attention
+from jaxaccel.layers.context import ForwardContext
 from jaxaccel.layers.linear import INIT_STD, dense
 from jaxaccel.layers.mlp import MLP
+from jaxaccel.layers.moe import MoE
 from jaxaccel.layers.norms import RMSNorm
 
 
@@ -32,18 +34,20 @@ class ForwardOutput:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layer_index: int | None = None):
         eps, pdt = config.rms_norm_eps, jnp.dtype(config.param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pdt)
-        self.self_attn = Attention(config, rngs=rngs)
+        self.self_attn = make_attention(config, layer_index, rngs=rngs)  # the layer's attention kind
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pdt)
-        self.mlp = MLP(config, rngs=rngs)
+        # A MoE block where config.moe asks for one at this index (None: a draft head's own layer, dense).
+        moe = layer_index is not None and config.is_moe_layer(layer_index)
+        self.mlp = MoE(config, rngs=rngs) if moe else MLP(config, rngs=rngs)
 
-    def __call__(self, x_bnd, positions_bn, visible_bnt, kv=None, lengths_b=None):
-        h_bnd, kv = self.self_attn(self.input_layernorm(x_bnd), positions_bn, visible_bnt, kv, lengths_b)
+    def __call__(self, x_bnd, ctx: ForwardContext, entry=None):
+        h_bnd, entry = self.self_attn(self.input_layernorm(x_bnd), ctx, entry)
         x_bnd = x_bnd + h_bnd
         x_bnd = x_bnd + self.mlp(self.post_attention_layernorm(x_bnd))
-        return x_bnd, kv
+        return x_bnd, entry
 
 
 class Transformer(nnx.Module):
@@ -53,7 +57,7 @@ class Transformer(nnx.Module):
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=jnp.dtype(config.dtype), param_dtype=pdt, rngs=rngs,
             embedding_init=nnx.with_partitioning(nnx.initializers.normal(INIT_STD), ("vocab", "embed"), eager_sharding=False))
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs, layer_index=i) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt)
         self.lm_head = None if config.tie_embeddings else dense(
             config, config.hidden_size, config.vocab_size, ("embed", "vocab"), False, rngs)
@@ -90,11 +94,14 @@ class Transformer(nnx.Module):
 
 
 def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, *, cache: KVCache | None = None,
-               mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               mask: jax.Array | None = None, duo_gates: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Decoder layers over n new entries per row, with the forward-pass semantics above: positions
     default consecutive after the cache (or from 0), mask [n, n] or [B, n, n] default causal, new
-    K/V written at each row's length but not committed. Which keys each query sees is worked out
-    once here, not in every layer. Also runs the draft heads' own decoder layers (one-layer caches)."""
+    entries recorded in each layer's cache entry but not committed. What the layers share (which
+    keys each query sees) is worked out once per pass in a ForwardContext, not in every layer.
+    Also runs the draft heads' own decoder layers (one-layer caches). `duo_gates` [layers, Hkv]
+    (training without a cache): duo layers mix full and streaming attention per KV head
+    (jaxaccel.training.gates)."""
     b, n = x_bnd.shape[:2]
     if cache is not None:
         check_capacity(cache, n)
@@ -102,17 +109,13 @@ def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, 
         start_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
         positions_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)
     mask_bnn = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)) if mask is None else mask, (b, n, n))
-    lengths_b = None if cache is None else cache.lengths
-    visible_bnt = visible_keys(mask_bnn, positions_bn, lengths_b, None if cache is None else cache.max_len,
-                               layers[0].self_attn.config.sliding_window)
-    keys, values = [], []
+    ctx = ForwardContext(positions_bn, mask_bnn, None if cache is None else cache.lengths, causal=mask is None,
+                         sliding_window=layers[0].self_attn.config.sliding_window, duo_gates=duo_gates)
+    entries = []
     for i, layer in enumerate(layers):
-        kv = None if cache is None else (cache.keys[i], cache.values[i])
-        x_bnd, kv = layer(x_bnd, positions_bn, visible_bnt, kv, lengths_b)
-        if kv is not None:
-            keys.append(kv[0])
-            values.append(kv[1])
-    return x_bnd, None if cache is None else cache.replace(keys=tuple(keys), values=tuple(values))
+        x_bnd, entry = layer(x_bnd, ctx, None if cache is None else cache.layers[i])
+        entries.append(entry)
+    return x_bnd, None if cache is None else cache.replace(layers=tuple(entries))
 
 
 def check_tokens(tokens_bn, vocab_size: int) -> None:

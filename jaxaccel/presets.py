@@ -15,6 +15,8 @@ from jaxaccel.training.pretrain import TrainConfig
 
 @dataclass(frozen=True)
 class Preset:
+    """A named pair of model architecture and pretraining hyper-parameters."""
+
     name: str
     model: ModelConfig
     train: TrainConfig
@@ -45,3 +47,17 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def attention_spec(kinds: str | tuple[str, ...], model_config: ModelConfig, **options):
+    """An AttentionSpec for `kinds` (one kind, or one per layer) with windows sized to the model's
+    context C (unit u = max(4, C // 32)): duo sink u + recent 4u tokens; block_sparse Λ of
+    1 sink + 4 local blocks of u, Quest pages of u, a budget of 4u; linear chunks of min(64, 4u).
+    `options` override any field (e.g. sparsity=0.25, token_budget=256)."""
+    from jaxaccel.config import AttentionSpec
+
+    kinds = tuple(kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
+    unit = max(4, model_config.max_position_embeddings // 32)
+    sized = dict(sink_size=unit, recent_size=4 * unit, block_size=unit, sink_blocks=1, local_blocks=4,
+                 page_size=unit, token_budget=4 * unit, chunk_size=min(64, 4 * unit))
+    return AttentionSpec(kinds=kinds, **{**sized, **options})

@@ -1,0 +1,37 @@
+"""Pallas kernels, each beside the pure-JAX reference it must equal (tested in interpret mode on CPU).
+
+- decode_attention: tree-verify / decode attention over a KV cache (flash-decoding, GQA)
+- flash_attention: training / prefill attention with causal and block-sparse masks, with backward
+- chunked_linear_attention: decayed linear attention, chunked (reference backward)
+- grouped_matmul: MoE grouped matmul (`lax.ragged_dot` semantics)
+
+GPU: the kernels lower through Pallas's Triton lowering (checked by exporting for "cuda" on
+CPU, never run on a GPU here). TPU: flash_attention and grouped_matmul hand over to JAX's own
+TPU kernels (splash attention, megablox), tested in interpret mode; decode_attention and
+chunked_linear_attention have no TPU version yet, so attention_impl="auto" means XLA on TPU.
+"""
+
+from pallas_kernels._common import KernelArgumentError
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+from pallas_kernels.flash_attention import (causal_block_mask, flash_attention, flash_attention_reference,
+                                            flash_attention_tpu, streaming_block_mask)
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference, grouped_matmul_tpu
+from pallas_kernels.linear_attention import (chunked_linear_attention, chunked_linear_attention_reference,
+                                             linear_attention_quadratic)
+
+__all__ = [
+    "KernelArgumentError",
+    "causal_block_mask",
+    "chunked_linear_attention",
+    "chunked_linear_attention_reference",
+    "decode_attention",
+    "decode_attention_reference",
+    "flash_attention",
+    "flash_attention_reference",
+    "flash_attention_tpu",
+    "grouped_matmul",
+    "grouped_matmul_reference",
+    "grouped_matmul_tpu",
+    "linear_attention_quadratic",
+    "streaming_block_mask",
+]

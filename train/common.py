@@ -55,6 +55,7 @@ class Progress:
         return extra
 
     def close(self):
+        """Ends the progress bar."""
         self.bar.close()
 
 

@@ -18,6 +18,7 @@ from train.common import Progress, guarded_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring and `--help`)."""
     p = argparse.ArgumentParser(prog="python -m train.heads", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="base model directory (config.json, *.safetensors, tokenizer.json)")
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Distils (or resumes), exports the heads and evaluates them; returns the exit status."""
     import jax
 
     from jaxaccel.heads.config import HeadsConfig
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    """Entry point: bad input is one line on stderr and exit status 2."""
     return guarded_main(run, parse_args(argv))
 
 

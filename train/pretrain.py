@@ -32,6 +32,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="call jax.distributed.initialize() (multi-host; implied by JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-export", action="store_true", help="skip the test-split evaluation and DIR/model export")
+    moe = p.add_argument_group("mixture of experts (replaces every layer's MLP; exported as Mixtral or Qwen3-MoE)")
+    moe.add_argument("--moe-experts", type=int, default=None, metavar="E", help="routed experts per MoE layer")
+    moe.add_argument("--moe-top-k", type=int, default=2, metavar="K", help="experts per token (default 2)")
+    moe.add_argument("--moe-dispatch", choices=("dropless", "capacity"), default="dropless",
+                     help="dropless (sort + ragged_dot) or fixed-capacity buffers that drop overflow")
+    moe.add_argument("--moe-capacity-factor", type=float, default=1.25, help="buffer size factor of --moe-dispatch capacity")
+    att = p.add_argument_group("attention kinds (jaxaccel.layers.attention_kinds)")
+    att.add_argument("--attention", default=None, metavar="KIND[,KIND...]",
+                     help="full, duo, block_sparse or linear for every layer, or one kind per layer (a hybrid)")
+    att.add_argument("--attention-set", dest="attention_options", action="append", nargs="+", default=[],
+                     metavar="FIELD=VALUE", help="AttentionSpec field, e.g. --attention-set sparsity=0.25 recent_size=64")
     hp = p.add_argument_group("training (defaults from the preset)")
     for flag, typ, what in [
         ("--steps", int, "optimizer updates in total"),
@@ -66,7 +77,7 @@ def parse_value(raw: str):
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
-          "RopeScaling": (dict,)}
+          "RopeScaling": (dict,), "MoESpec": (dict,)}
 
 
 def model_overrides(pairs: list[str]) -> dict:
@@ -85,6 +96,44 @@ def model_overrides(pairs: list[str]) -> dict:
             raise ValueError(f"--set {name}: expected {fields[name].type}, got {raw!r}")
         out[name] = value
     return out
+
+
+# A dense family -> the Hugging Face MoE family with the same attention (what the export writes).
+MOE_FAMILY = {"llama": "mixtral", "mistral": "mixtral", "mixtral": "mixtral", "qwen3": "qwen3_moe",
+              "qwen3_moe": "qwen3_moe"}
+
+
+def moe_overrides(args: argparse.Namespace, model_config: ModelConfig) -> dict:
+    """--moe-* flags -> {moe: MoESpec, family: its MoE family}; {} without --moe-experts."""
+    from jaxaccel.config import MoESpec
+
+    if args.moe_experts is None:
+        return {}
+    if model_config.family not in MOE_FAMILY:
+        raise ValueError(f"--moe-experts: no MoE export format for family {model_config.family!r}; "
+                         f"supported: {sorted(MOE_FAMILY)}")
+    spec = MoESpec(num_experts=args.moe_experts, top_k=args.moe_top_k, dispatch=args.moe_dispatch,
+                   capacity_factor=args.moe_capacity_factor)
+    return {"moe": spec, "family": MOE_FAMILY[model_config.family]}
+
+
+def attention_overrides(args: argparse.Namespace, model_config: ModelConfig) -> dict:
+    """{"attention": AttentionSpec} from --attention / --attention-set (windows sized to the context)."""
+    if args.attention is None:
+        if args.attention_options:
+            raise ValueError("--attention-set needs --attention")
+        return {}
+    from jaxaccel.config import AttentionSpec
+    from jaxaccel.presets import attention_spec
+
+    fields = {f.name for f in dataclasses.fields(AttentionSpec)}
+    options = {}
+    for pair in (p for group in args.attention_options for p in group):
+        name, sep, raw = pair.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"bad --attention-set {pair!r}; expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        options[name] = parse_value(raw)
+    return {"attention": attention_spec(args.attention, model_config, **options)}
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
@@ -107,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)
     model_config = preset.model.replace(**model_overrides([p for group in args.overrides for p in group]))
+    model_config = model_config.replace(**moe_overrides(args, model_config))
+    model_config = model_config.replace(**attention_overrides(args, model_config))
     train_config = preset.train.replace(**train_overrides(args))
     mesh = make_mesh(args.mesh)
     with Pretraining(model_config, train_config, args.out, mesh=mesh, extra_dirs=args.extra_data,

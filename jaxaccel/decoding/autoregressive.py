@@ -108,12 +108,14 @@ class AutoregressiveDecoder:
         """A fresh cache, allocated directly with its mesh sharding (never gathered on one device)."""
         shapes = _cache_shapes(self.config, batch_size, cache_len)
 
-        def zeros(x):
-            where = None if self.mesh is None else cache_sharding(self.mesh, x.shape)
+        def zeros(x):  # per-layer buffers [B, T, H, D] like a KV cache; anything else split by batch
+            where = None
+            if self.mesh is not None:
+                where = (cache_sharding(self.mesh, x.shape) if x.ndim == 4
+                         else sharding_for(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh))
             return jnp.zeros(x.shape, x.dtype, device=where)
 
-        return KVCache(keys=tuple(map(zeros, shapes.keys)), values=tuple(map(zeros, shapes.values)),
-                       lengths=self._place(jnp.zeros_like(shapes.lengths), ("batch",)))
+        return jax.tree.map(zeros, shapes)
 
     def start(self, prompts: Sequence[Sequence[int]], *, policy: Policy, max_new_tokens: int,
               stop_tokens: Sequence[int] = (), seed: int = 0) -> tuple[LoopState, jax.Array]:

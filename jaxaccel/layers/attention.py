@@ -13,18 +13,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxaccel.config import ModelConfig
+from jaxaccel.config import ModelConfig, resolve_attention_impl
 from jaxaccel.cache import write_rows
 from jaxaccel.layers.linear import dense
 from jaxaccel.layers.norms import RMSNorm
 from jaxaccel.layers.rope import apply_rope, inverse_frequencies
+from pallas_kernels.decode_attention import decode_attention
 
 MASKED = -1e30  # finite, so that a fully masked row gives a uniform (unused) result instead of NaN
 
 
 def dot_product_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
-                          visible_bnt: jax.Array) -> jax.Array:
-    """Softmax attention of n queries over t keys with GQA; scores and softmax in float32."""
+                          visible_bnt: jax.Array, *, impl: str = "xla") -> jax.Array:
+    """Softmax attention of n queries over t keys with GQA; scores and softmax in float32.
+
+    impl: "xla" (the einsums below), "pallas" (`pallas_kernels.decode_attention`, the same
+    function; Pallas interpreter on CPU) or "auto" (see `config.resolve_attention_impl`).
+    """
+    if resolve_attention_impl(impl) == "pallas":
+        return decode_attention(q_bnhd, k_bthd, v_bthd, visible_bnt)
     b, n, hq, d = q_bnhd.shape
     hkv = k_bthd.shape[2]
     q_bnkgd = q_bnhd.reshape(b, n, hkv, hq // hkv, d)
@@ -85,5 +92,5 @@ class Attention(nnx.Module):
         if kv is not None:
             kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
             k, v = kv
-        out = dot_product_attention(q, k, v, visible_bnt)
+        out = dot_product_attention(q, k, v, visible_bnt, impl=self.config.attention_impl)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), kv

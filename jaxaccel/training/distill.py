@@ -71,6 +71,7 @@ class DistillConfig:
             raise ValueError(f"generated_fraction must be in [0, 1], got {self.generated_fraction}")
 
     def replace(self, **overrides: Any) -> DistillConfig:
+        """A copy with `overrides` applied; an unknown field is a ValueError naming it."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -78,6 +79,7 @@ class DistillConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (JSON-serialisable: what checkpoints record as metadata)."""
         return dataclasses.asdict(self)
 
 

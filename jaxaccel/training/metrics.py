@@ -33,6 +33,7 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Appends one record (flushed at once) and a TensorBoard scalar per finite number."""
         if not self.enabled:
             return
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -43,6 +44,7 @@ class MetricsLogger:
                     self._tb.add_scalar(name, value, step)
 
     def close(self) -> None:
+        """Closes metrics.jsonl and the TensorBoard writer."""
         if self.enabled:
             self._file.close()
             if self._tb is not None:

@@ -34,7 +34,7 @@ from jaxaccel.hf import save_hf
 from jaxaccel.sharding import batch_sharding, make_mesh
 from jaxaccel.training import loop, optim
 from jaxaccel.training.steps import (ModelParts, evaluate, init_state_fn, make_eval_step, make_train_step,
-                                     put_global, tokens_sharding, train_state_shardings)
+                                     put_global, tokens_sharding, train_state_shardings, within_mesh)
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,9 @@ class Pretraining:
         self.train_step = make_train_step(self.parts, optimizer, self.schedule, self.state_shardings,
                                           self.train_sharding)
         self.eval_step = make_eval_step(self.parts, self.param_shardings, self.eval_sharding)
+        if self.model_config.moe is not None and mesh.shape["expert"] > 1:  # MoE blocks run expert-parallel
+            self.train_step = within_mesh(self.train_step, mesh)
+            self.eval_step = within_mesh(self.eval_step, mesh)
 
     @property
     def tokens_per_step(self) -> int:

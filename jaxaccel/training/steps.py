@@ -22,7 +22,7 @@ from jaxaccel.config import ModelConfig
 from jaxaccel.data import bits_per_byte
 from jaxaccel.model import Transformer
 from jaxaccel.sharding import batch_sharding, state_shardings
-from jaxaccel.training.losses import next_token_nll
+from jaxaccel.training.losses import moe_aux_loss, moe_metrics, next_token_nll, next_token_nll_and_moe_stats
 
 Params = dict[str, jax.Array]
 TrainState = dict  # {"params": Params, "opt": optax.OptState, "step": jax.Array}
@@ -100,29 +100,35 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
 
     tokens_abt1 [accum, micro_batch, T+1]: the gradients of the `accum` micro-batches are
     averaged (a scan, so activation memory is one micro-batch's) before one optimizer update.
-    metrics: loss (mean next-token NLL of the whole batch), grad_norm, lr (of this update).
+    metrics: loss (mean next-token NLL of the whole batch), grad_norm, lr (of this update); for a
+    MoE model also the router statistics (see losses.moe_metrics), whose weighted load-balancing
+    and z-losses are added to the NLL that is differentiated.
     """
     def loss_fn(params, tokens_bt1):
-        return next_token_nll(parts.merge(params), tokens_bt1).mean()
+        model = parts.merge(params)
+        nll_bt, stats = next_token_nll_and_moe_stats(model, tokens_bt1)
+        nll = nll_bt.mean()
+        aux = moe_aux_loss(stats, model.config) if stats else 0.0
+        return nll + aux, {"loss": nll, **moe_metrics(stats)}
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, tokens_abt1):
         params = state["params"]
         accum = tokens_abt1.shape[0]
         if accum == 1:
-            loss, grads = grad_fn(params, tokens_abt1[0])
+            (_, values), grads = grad_fn(params, tokens_abt1[0])
         else:
             def micro(grads_sum, tokens_bt1):
-                loss, grads = grad_fn(params, tokens_bt1)
-                return jax.tree.map(jnp.add, grads_sum, grads), loss
+                (_, values), grads = grad_fn(params, tokens_bt1)
+                return jax.tree.map(jnp.add, grads_sum, grads), values
 
-            grads, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), tokens_abt1)
+            grads, values = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), tokens_abt1)
             grads = jax.tree.map(lambda g: g / accum, grads)
-            loss = losses.mean()
+            values = jax.tree.map(jnp.mean, values)
         updates, opt_state = optimizer.update(grads, state["opt"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt": opt_state, "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        metrics = {**values, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, tokens_sharding),
@@ -138,6 +144,16 @@ def make_eval_step(parts: ModelParts, param_shardings=None, tokens_sharding=None
     weight_sharding = None if tokens_sharding is None else NamedSharding(
         tokens_sharding.mesh, PartitionSpec(tokens_sharding.spec[0]))
     return jax.jit(step, in_shardings=(param_shardings, tokens_sharding, weight_sharding))
+
+
+def within_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` called (and so traced) with `mesh` as the context mesh (`jax.set_mesh`): how MoE
+    blocks learn that they may run expert-parallel over the mesh's `expert` axis."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def tokens_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

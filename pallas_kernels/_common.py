@@ -1,0 +1,52 @@
+"""Small helpers shared by the kernels: backend detection and argument checks."""
+
+from __future__ import annotations
+
+import jax
+
+MASKED = -1e30  # the same finite "minus infinity" as jaxaccel.layers.attention
+
+
+class KernelArgumentError(ValueError):
+    """A kernel was called with arrays whose shapes or dtypes do not fit together."""
+
+
+def default_interpret() -> bool:
+    """Pallas has no CPU lowering: on CPU the kernels run in the Pallas interpreter."""
+    return jax.default_backend() == "cpu"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_rank(name: str, x, rank: int, layout: str) -> None:
+    if x.ndim != rank:
+        raise KernelArgumentError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
+
+
+def check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise KernelArgumentError(f"{name} must be a positive int, got {value!r}")
+
+
+def compiler_params(interpret: bool):
+    """Lowering choice for a pallas_call: the Triton GPU lowering unless interpreting or on TPU.
+
+    jax 0.10 lowers a pallas_call without compiler params through Mosaic GPU, which needs the
+    kernels in its own (warpgroup) style; these kernels are written for Triton's. On TPU the
+    Mosaic TPU lowering is picked by passing none. On CPU (interpret=False only makes sense when
+    exporting for GPU, as tests/test_pallas_lowering.py does) Triton is the target too.
+    """
+    if interpret or jax.default_backend() == "tpu":
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def require_not_tpu(kernel: str, interpret: bool) -> None:
+    """These kernels' blocks do not fit Mosaic TPU's tiling: say so instead of failing in lowering."""
+    if not interpret and jax.default_backend() == "tpu":
+        raise NotImplementedError(f"{kernel} has no TPU version yet (its [B, T, H, D] blocks do not fit Mosaic "
+                                  "TPU's tiling); use the XLA path on TPU (attention_impl='xla' or 'auto')")

@@ -1,0 +1,69 @@
+"""python -m infer.demo: the main job end to end on the shipped model, and clear errors when the
+shipped files are damaged."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from infer import demo
+from jaxaccel.pretrained import SHIPPED_DIR
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMALL = ["--num-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "12"]
+
+
+def test_demo_runs_end_to_end_identical_to_autoregressive_and_fills_the_compilation_cache(tmp_path):
+    cache = tmp_path / "jax-cache"
+    env = {**os.environ, "JAXACCEL_CACHE_DIR": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "infer.demo", *SMALL, "--json", "--out", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["shipped"] and report["temperature"] == 0
+    assert [r["method"] for r in report["rows"]] == ["ar", "hydra", "eagle"]
+    for row in report["rows"]:
+        assert row["identical_to_ar"] is True and row["tokens_per_s"] > 0
+    assert all(r["mean_accepted_tokens"] > 1.0 for r in report["rows"][1:]), "the shipped heads drafted nothing"
+    assert report["sample"]["completion"]
+    assert (tmp_path / "out" / "demo.md").read_text().startswith("model: ")
+    assert any(cache.iterdir()), "nothing was written to the persistent compilation cache"
+
+
+def damaged_copy(tmp_path, rel, how):
+    """The shipped directory as symlinks (the 40 MB stay where they are), with `rel` deleted or
+    replaced by a copy with one bit flipped."""
+    dest = tmp_path / "shipped"
+    shutil.copytree(SHIPPED_DIR, dest, copy_function=os.symlink)
+    target = dest / rel
+    data = target.read_bytes()
+    target.unlink()
+    if how == "flip":
+        target.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    return dest
+
+
+@pytest.mark.parametrize("rel, how, message", [
+    ("heads/eagle/heads.safetensors", "flip", "heads/eagle/heads.safetensors is corrupt"),
+    ("model/model.safetensors", "delete", "model/model.safetensors is missing"),
+])
+def test_damaged_shipped_files_stop_the_demo_with_a_message_that_says_what_to_do(tmp_path, capsys, rel, how, message):
+    shipped = damaged_copy(tmp_path, rel, how)
+    assert demo.main([*SMALL, "--no-compilation-cache", "--shipped-dir", str(shipped)]) == demo.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert message in err and "python -m infer.demo --train" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--heads", "somewhere"], "--heads needs --model"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(capsys, argv, message):
+    assert demo.main([*argv, "--no-compilation-cache"]) == demo.EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
