@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 # (batch, n, Hq, Hkv, D, T) for decode; (batch, T, H, D) for flash; matmul size; copy MiB
 SHAPES = {
@@ -34,16 +33,10 @@ SHAPES = {
 
 
 def median_seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of a jitted call after one warm-up (compile) call."""
-    import jax
+    """Median wall time of fn(*args) after one warm-up (compile) call."""
+    from jaxaccel.decoding.timing import median_seconds as median_of
 
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return median_of(lambda: fn(*args), repeats)
 
 
 def copy_bandwidth(mib: int, repeats: int) -> float:

@@ -16,29 +16,18 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxaccel.config import ModelConfig, MoESpec
+from jaxaccel.decoding.timing import median_seconds
 from jaxaccel.files import write_json_atomically
 from jaxaccel.layers.mlp import MLP
 from jaxaccel.layers.moe import MoE, call_with_moe_stats
 
-
-def time_call(fn, *args, repeats: int) -> float:
-    """Median seconds of fn(*args) after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def layer_rows(d: int, f: int, experts: int, top_k: int, batch: int, seq: int, repeats: int, seed: int) -> list[dict]:
@@ -69,8 +58,8 @@ def layer_rows(d: int, f: int, experts: int, top_k: int, batch: int, seq: int, r
 
         fwd = jax.jit(forward)
         fwd_bwd = jax.jit(jax.grad(loss))
-        row = {"layer": name, "forward_s": time_call(fwd, state, x_btd, repeats=repeats),
-               "forward_backward_s": time_call(fwd_bwd, state, x_btd, repeats=repeats)}
+        row = {"layer": name, "forward_s": median_seconds(lambda: fwd(state, x_btd), repeats),
+               "forward_backward_s": median_seconds(lambda: fwd_bwd(state, x_btd), repeats)}
         row["forward_tokens_per_s"] = tokens / row["forward_s"]
         row["train_tokens_per_s"] = tokens / row["forward_backward_s"]
         if spec is not None:
