@@ -45,7 +45,7 @@ class RopeScaling:
 
 ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCH = ("dropless", "capacity")
-GROUPED_MATMULS = ("ragged_dot", "tiled")
+GROUPED_MATMULS = ("ragged_dot", "tiled", "pallas")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class MoESpec:
     ragged_dot) or capacity (fixed [experts, capacity] buffers; overflowing choices are dropped).
     `grouped_matmul` (dropless): `ragged_dot`, or `tiled` (each expert's rows padded to whole
     tiles, one batched matmul; for backends such as CPU XLA where ragged_dot is a masked dense
-    product over every expert).
+    product over every expert), or `pallas` (`pallas_kernels.grouped_matmul`: a Pallas kernel on
+    GPU, megablox on TPU, the Pallas interpreter on CPU).
     """
 
     num_experts: int = 8

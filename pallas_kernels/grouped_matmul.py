@@ -100,7 +100,8 @@ def grouped_matmul(lhs_mk: jax.Array, rhs_gkn: jax.Array, group_sizes_g: jax.Arr
     """lhs_mk [M, K] (rows sorted by group) times rhs_gkn [G, K, N] per group -> [M, N] in lhs's dtype.
 
     group_sizes_g [G] ints with sum <= M; equals `grouped_matmul_reference` (lax.ragged_dot).
-    Forward only (no VJP). `interpret` defaults to True on CPU.
+    Differentiable: the backward pass is the reference's (ragged_dot's), not a kernel.
+    `interpret` defaults to True on CPU.
     """
     check_rank("lhs_mk", lhs_mk, 2, "[M, K]")
     check_rank("rhs_gkn", rhs_gkn, 3, "[G, K, N]")
@@ -114,10 +115,29 @@ def grouped_matmul(lhs_mk: jax.Array, rhs_gkn: jax.Array, group_sizes_g: jax.Arr
     if not jnp.issubdtype(group_sizes_g.dtype, jnp.integer):
         raise KernelArgumentError(f"group_sizes_g must be integers, got {group_sizes_g.dtype}")
     interpret = default_interpret() if interpret is None else interpret
+    return _grouped_matmul_vjp(lhs_mk, rhs_gkn, group_sizes_g, (block_m, block_k, block_n), interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_matmul_vjp(lhs_mk, rhs_gkn, group_sizes_g, tiling, interpret):
     if not interpret and jax.default_backend() == "tpu":
-        return grouped_matmul_tpu(lhs_mk, rhs_gkn, group_sizes_g, tiling=(block_m, block_k, block_n))
+        return grouped_matmul_tpu(lhs_mk, rhs_gkn, group_sizes_g, tiling=tiling)
+    block_m, block_k, block_n = tiling
     return _grouped_matmul(lhs_mk, rhs_gkn, group_sizes_g, block_m=block_m, block_k=block_k, block_n=block_n,
                            interpret=interpret)
+
+
+def _grouped_matmul_fwd(lhs_mk, rhs_gkn, group_sizes_g, tiling, interpret):
+    return _grouped_matmul_vjp(lhs_mk, rhs_gkn, group_sizes_g, tiling, interpret), (lhs_mk, rhs_gkn, group_sizes_g)
+
+
+def _grouped_matmul_bwd(tiling, interpret, residuals, d_out_mn):
+    lhs_mk, rhs_gkn, group_sizes_g = residuals
+    _, pullback = jax.vjp(lambda lhs, rhs: grouped_matmul_reference(lhs, rhs, group_sizes_g), lhs_mk, rhs_gkn)
+    return (*pullback(d_out_mn), None)  # group sizes are integers: no cotangent
+
+
+_grouped_matmul_vjp.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))

@@ -86,6 +86,7 @@ def random_x(seed, shape=(3, 7, 32)):
     dict(num_experts=6, top_k=3, router="sigmoid", shared_intermediate_size=24, shared_expert_gate=True),
     dict(num_experts=5, top_k=1, normalize_top_k=False, shared_intermediate_size=16),
     dict(num_experts=6, top_k=2, grouped_matmul="tiled", tile_rows=4),  # 21 rows: partial and empty tiles
+    dict(num_experts=4, top_k=2, grouped_matmul="pallas"),  # the Pallas kernel (interpreter on CPU)
 ])
 def test_dropless_equals_reference_loop(spec):
     block = moe_block(len(spec), **spec)
@@ -124,8 +125,8 @@ def test_capacity_path_equals_reference_and_counts_drops():
 
 
 def test_dropless_gradients_equal_dense_buffers():
-    """The gradients of both dropless grouped matmuls (ragged_dot, tiled) equal those of the
-    ample-capacity einsum path."""
+    """The gradients of the dropless grouped matmuls (ragged_dot, tiled, the Pallas kernel) equal
+    those of the ample-capacity einsum path."""
     x_btd = random_x(5, (2, 6, 32))
     target = random_x(6, (2, 6, 32))
 
@@ -134,11 +135,12 @@ def test_dropless_gradients_equal_dense_buffers():
 
     grads = {}
     for name, options in [("capacity", dict(dispatch="capacity", capacity_factor=2.0)), ("ragged_dot", {}),
-                          ("tiled", dict(grouped_matmul="tiled", tile_rows=4))]:
+                          ("tiled", dict(grouped_matmul="tiled", tile_rows=4)),
+                          ("pallas", dict(grouped_matmul="pallas"))]:
         block = moe_block(4, num_experts=4, top_k=2, **options)
         grads[name] = jax.tree.leaves(nnx.grad(loss, argnums=(0, 1))(block, x_btd))
     assert len(grads["capacity"]) > 3
-    for name in ("ragged_dot", "tiled"):
+    for name in ("ragged_dot", "tiled", "pallas"):
         assert len(grads[name]) == len(grads["capacity"])
         for a, b in zip(grads[name], grads["capacity"]):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=name)

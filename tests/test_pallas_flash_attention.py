@@ -98,3 +98,31 @@ def test_bad_arguments_are_named():
         flash_attention(q[:, :, :3], k, v)
     with pytest.raises(KernelArgumentError, match="recent_tokens"):
         streaming_block_mask(4, 16, block_q=8, block_k=8, sink_tokens=1, recent_tokens=0)
+
+
+def test_model_training_runs_flash_attention_with_the_xla_loss_and_gradients():
+    """attention_impl="pallas": a cache-free causal forward (training) goes through flash attention,
+    and the loss and every parameter gradient equal the XLA path's."""
+    from flax import nnx
+
+    from jaxaccel import ModelConfig, Transformer
+
+    config = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_position_embeddings=64)
+    graphdef, state = nnx.split(Transformer(config.replace(attention_impl="xla"), rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 40, (2, 37)), jnp.int32)  # 37: ragged last block
+
+    def loss_and_grads(impl):
+        pallas_def = nnx.graphdef(Transformer(config.replace(attention_impl=impl), rngs=nnx.Rngs(0)))
+
+        def loss(state):
+            logits = nnx.merge(pallas_def, state)(tokens[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
+        return jax.jit(jax.value_and_grad(loss))(state), jax.make_jaxpr(loss)(state)
+
+    (loss_pallas, grads_pallas), jaxpr = loss_and_grads("pallas")
+    (loss_xla, grads_xla), _ = loss_and_grads("xla")
+    assert "flash_attention_fwd" in str(jaxpr)
+    np.testing.assert_allclose(loss_pallas, loss_xla, atol=1e-5, rtol=0)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads_pallas), jax.tree.leaves(grads_xla)):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=jax.tree_util.keystr(path))

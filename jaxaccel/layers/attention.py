@@ -19,6 +19,7 @@ from jaxaccel.layers.linear import dense
 from jaxaccel.layers.norms import RMSNorm
 from jaxaccel.layers.rope import apply_rope, inverse_frequencies
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
 
 MASKED = -1e30  # finite, so that a fully masked row gives a uniform (unused) result instead of NaN
 
@@ -76,10 +77,12 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x_bnd: jax.Array, positions_bn: jax.Array, visible_bnt: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, lengths_b: jax.Array | None = None):
+                 kv: tuple[jax.Array, jax.Array] | None = None, lengths_b: jax.Array | None = None,
+                 causal: bool = False):
         """Returns the attention output [B, n, d] and the layer's (keys, values) cache with the new K/V
         written. visible_bnt (from `visible_keys`): which of the n new keys, or of the cache's T
-        slots, each query sees."""
+        slots, each query sees. causal: without a cache, visible_bnt is exactly the causal mask, so
+        the Pallas impl may run flash attention (training, prefill) instead of the masked kernel."""
         b, n, _ = x_bnd.shape
         q = self.q_proj(x_bnd).reshape(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(x_bnd).reshape(b, n, self.num_kv_heads, self.head_dim)
@@ -92,5 +95,8 @@ class Attention(nnx.Module):
         if kv is not None:
             kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
             k, v = kv
-        out = dot_product_attention(q, k, v, visible_bnt, impl=self.config.attention_impl)
+        if causal and kv is None and resolve_attention_impl(self.config.attention_impl) == "pallas":
+            out = flash_attention(q, k, v, causal=True)
+        else:
+            out = dot_product_attention(q, k, v, visible_bnt, impl=self.config.attention_impl)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), kv

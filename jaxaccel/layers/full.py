@@ -20,7 +20,9 @@ class FullAttention(Attention):
 
     def __call__(self, x_bnd: jax.Array, ctx: ForwardContext, entry: DenseEntry | None = None):
         if entry is None:
-            out, _ = super().__call__(x_bnd, ctx.positions_bn, ctx.visible(None))
+            # The default causal mask without a sliding window is plain causal attention (flash).
+            causal = ctx.causal and ctx.sliding_window is None
+            out, _ = super().__call__(x_bnd, ctx.positions_bn, ctx.visible(None), causal=causal)
             return out, None
         out, (k, v) = super().__call__(x_bnd, ctx.positions_bn, ctx.visible(entry.max_len),
                                        (entry.keys, entry.values), ctx.lengths_b)

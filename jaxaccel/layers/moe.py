@@ -160,10 +160,21 @@ def swiglu_tiled(x_md, group_sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, tile_
     return jnp.concatenate([y_rd, jnp.zeros((1, d), dt)])[dest_m]
 
 
+def swiglu_pallas(x_md, group_sizes_e, w_gate_edf, w_up_edf, w_down_efd):
+    """`swiglu_ragged_dot` with `pallas_kernels.grouped_matmul` (same meaning, kernel forward)."""
+    from pallas_kernels.grouped_matmul import grouped_matmul
+
+    gate_mf = grouped_matmul(x_md, w_gate_edf.astype(x_md.dtype), group_sizes_e)
+    up_mf = grouped_matmul(x_md, w_up_edf.astype(x_md.dtype), group_sizes_e)
+    return grouped_matmul(nnx.silu(gate_mf) * up_mf, w_down_efd.astype(x_md.dtype), group_sizes_e)
+
+
 def grouped_swiglu(spec: MoESpec):
     """The grouped SwiGLU that spec.grouped_matmul names."""
     if spec.grouped_matmul == "tiled":
         return functools.partial(swiglu_tiled, tile_rows=spec.tile_rows)
+    if spec.grouped_matmul == "pallas":
+        return swiglu_pallas
     return swiglu_ragged_dot
 
 
@@ -171,7 +182,7 @@ def dropless_experts(x_nd, weights_nk, experts_nk, w_gate_edf, w_up_edf, w_down_
                      grouped=swiglu_ragged_dot) -> jax.Array:
     """sum_k weights[n, k] * expert_{experts[n, k]}(x[n]) for every token, no drops: the n*k
     choices are sorted by expert so that each expert's rows are one contiguous group, run by
-    `grouped` (swiglu_ragged_dot: ragged_dot; or swiglu_tiled)."""
+    `grouped` (swiglu_ragged_dot: ragged_dot; swiglu_tiled; swiglu_pallas)."""
     n, k = experts_nk.shape
     num_experts = w_gate_edf.shape[0]
     flat_experts = experts_nk.reshape(-1)
