@@ -21,6 +21,7 @@ from jaxaccel.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
+    """The whole model's cache: one entry per layer (its attention kind's type) and the rows' lengths."""
     layers: tuple  # one cache entry per layer (jaxaccel.caches)
     lengths: jax.Array  # [B] int32
     max_len: int = struct.field(pytree_node=False, default=0)  # tokens a row can hold (positions 0..max_len-1)
@@ -42,6 +43,7 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
+        """Rows in the cache."""
         return self.lengths.shape[0]
 
     @property

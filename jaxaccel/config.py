@@ -185,6 +185,7 @@ class AttentionSpec:
                                  f"(the model's context is {max_positions} positions)")
 
     def kind(self, layer: int) -> str:
+        """The attention kind of `layer`."""
         return self.kinds[0] if len(self.kinds) == 1 else self.kinds[layer]
 
     def retrieval_mask(self, layer: int, num_kv_heads: int) -> tuple[bool, ...]:
@@ -195,6 +196,7 @@ class AttentionSpec:
         return tuple(h < num_kv_heads - streaming for h in range(num_kv_heads))
 
     def replace(self, **overrides: Any) -> AttentionSpec:
+        """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **overrides)
 
 
@@ -281,6 +283,7 @@ class ModelConfig:
 
     @property
     def resolved_head_dim(self) -> int:
+        """head_dim, or hidden_size / num_heads when it is not set."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     def replace(self, **overrides: Any) -> ModelConfig:
@@ -292,10 +295,12 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-ready values (what model directories record)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """The config from `to_dict`'s output."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -28,12 +28,14 @@ from jaxaccel.layers.norms import RMSNorm
 
 @struct.dataclass
 class ForwardOutput:
+    """A forward pass's logits (or hidden states) and the cache with the new tokens recorded."""
     logits: jax.Array  # [B, n, V] float32
     hidden: jax.Array  # [B, n, d] last hidden states, after the final norm
     cache: KVCache | None  # with the new tokens' K/V written, not committed
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: the layer's attention kind, then its MLP or MoE block, each residual."""
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layer_index: int | None = None):
         eps, pdt = config.rms_norm_eps, jnp.dtype(config.param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pdt)
@@ -51,6 +53,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Transformer(nnx.Module):
+    """The decoder-only Transformer (module doc): embeddings, decoder layers, final norm, LM head."""
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         pdt = jnp.dtype(config.param_dtype)

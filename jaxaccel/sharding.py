@@ -84,6 +84,7 @@ def logical_to_mesh(logical: tuple[str | None, ...], shape: tuple[int, ...], mes
 
 
 def sharding_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """The NamedSharding of an array with these logical axes under the rules table."""
     return NamedSharding(mesh, logical_to_mesh(logical, shape, mesh))
 
 

@@ -17,15 +17,18 @@ def default_interpret() -> bool:
 
 
 def cdiv(a: int, b: int) -> int:
+    """Ceiling division."""
     return -(-a // b)
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
+    """A KernelArgumentError naming `name` and its layout unless x has this rank."""
     if x.ndim != rank:
         raise KernelArgumentError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
 
 
 def check_positive(name: str, value: int) -> None:
+    """A KernelArgumentError naming `name` unless value is a positive int."""
     if not isinstance(value, int) or value <= 0:
         raise KernelArgumentError(f"{name} must be a positive int, got {value!r}")
 

@@ -17,6 +17,7 @@ from jaxaccel.caches.rows import compact_rows
 
 @struct.dataclass
 class PagedEntry:
+    """Dense K/V in pages of page_size slots, with each page's key min / max for Quest's ranking."""
     keys: jax.Array  # [B, num_pages * page_size, Hkv, D]
     values: jax.Array
     page_min: jax.Array  # [B, num_pages, Hkv, D]
@@ -26,6 +27,7 @@ class PagedEntry:
 
     @classmethod
     def create(cls, batch_size: int, num_heads: int, head_dim: int, page_size: int, max_len: int, dtype) -> PagedEntry:
+        """Empty pages enough for max_len slots."""
         num_pages = -(-max_len // page_size)
         kv = (batch_size, num_pages * page_size, num_heads, head_dim)
         pages = (batch_size, num_pages, num_heads, head_dim)
@@ -34,9 +36,11 @@ class PagedEntry:
 
     @property
     def num_pages(self) -> int:
+        """Pages per row."""
         return self.page_min.shape[1]
 
     def with_written(self, keys, values, n: int) -> PagedEntry:
+        """This entry after a forward pass wrote n new K/V at the rows' lengths (bounds not yet refreshed)."""
         return self.replace(keys=keys, values=values, written=n)
 
     def _refresh_pages(self, keys_bthd: jax.Array, lengths_b: jax.Array) -> PagedEntry:
@@ -56,11 +60,13 @@ class PagedEntry:
         return self.replace(keys=keys_bthd, page_min=page_min, page_max=page_max, written=0)
 
     def advance(self, lengths_b: jax.Array, count_b: jax.Array) -> PagedEntry:
+        """Commits a prefix of the last pass's tokens and refreshes the bounds of the pages they fill."""
         if self.written == 0:
             return self
         return self._refresh_pages(self.keys, lengths_b)
 
     def keep(self, lengths_b: jax.Array, offsets_bk: jax.Array, count_b: jax.Array) -> PagedEntry:
+        """Moves the accepted path's K/V into place and refreshes the bounds of the pages they fill."""
         if self.written == 0:
             return self
         moved = self.replace(values=compact_rows(self.values, lengths_b, offsets_bk))

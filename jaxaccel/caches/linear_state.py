@@ -29,6 +29,7 @@ def fold_into_state(state_bhde: jax.Array, k_bnhd: jax.Array, v_bnhd: jax.Array,
 
 @struct.dataclass
 class LinearStateEntry:
+    """A linear-attention layer's recurrent state, with the last pass's k, v and decays pending."""
     state: jax.Array  # [B, H, D, D] float32
     pending_keys: jax.Array | None = None  # [B, n, H, D]
     pending_values: jax.Array | None = None
@@ -36,12 +37,15 @@ class LinearStateEntry:
 
     @classmethod
     def create(cls, batch_size: int, num_heads: int, head_dim: int) -> LinearStateEntry:
+        """A zero state."""
         return cls(state=jnp.zeros((batch_size, num_heads, head_dim, head_dim), jnp.float32))
 
     def with_pending(self, k_bnhd, v_bnhd, log_decay_bnh) -> LinearStateEntry:
+        """This entry with a forward pass's new k, v and log-decays pending (not yet folded in)."""
         return self.replace(pending_keys=k_bnhd, pending_values=v_bnhd, pending_log_decay=log_decay_bnh)
 
     def advance(self, lengths_b: jax.Array, count_b: jax.Array) -> LinearStateEntry:
+        """Folds the first count_b pending tokens into the state (KVCache.advance)."""
         if self.pending_keys is None:
             return self
         count_b = jnp.broadcast_to(jnp.asarray(count_b, jnp.int32), lengths_b.shape)
@@ -49,6 +53,7 @@ class LinearStateEntry:
                                                       self.pending_log_decay, count_b))
 
     def keep(self, lengths_b: jax.Array, offsets_bk: jax.Array, count_b: jax.Array) -> LinearStateEntry:
+        """Folds the pending tokens at offsets_bk, in order, into the state (KVCache.keep)."""
         if self.pending_keys is None:
             return self
         path = self.with_pending(take_rows(self.pending_keys, offsets_bk), take_rows(self.pending_values, offsets_bk),

@@ -41,6 +41,7 @@ def commit_to_ring(ring_bshd: jax.Array, new_bnhd: jax.Array, lengths_b: jax.Arr
 
 @struct.dataclass
 class StreamingEntry:
+    """Sink + recent ring of a layer's streaming heads, with the last pass's K/V pending (module doc)."""
     keys: jax.Array  # [B, sink_slots + ring_slots, Hs, D]
     values: jax.Array
     pending_keys: jax.Array | None = None  # [B, n, Hs, D]: the last forward pass's, not committed
@@ -58,9 +59,11 @@ class StreamingEntry:
 
     @property
     def ring_slots(self) -> int:
+        """Slots of the recent ring."""
         return self.keys.shape[1] - self.sink_slots
 
     def with_pending(self, keys_bnhd: jax.Array, values_bnhd: jax.Array) -> StreamingEntry:
+        """This entry with a forward pass's new K/V pending (not yet committed)."""
         return self.replace(pending_keys=keys_bnhd, pending_values=values_bnhd)
 
     def held(self, lengths_b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -68,6 +71,7 @@ class StreamingEntry:
         return slot_positions(lengths_b, self.sink_slots, self.ring_slots)
 
     def advance(self, lengths_b: jax.Array, count_b: jax.Array) -> StreamingEntry:
+        """Writes the first count_b pending tokens into the sink / ring (KVCache.advance)."""
         if self.pending_keys is None:
             return self
         count_b = jnp.asarray(count_b, jnp.int32)
@@ -77,6 +81,7 @@ class StreamingEntry:
             sink_slots=self.sink_slots)
 
     def keep(self, lengths_b: jax.Array, offsets_bk: jax.Array, count_b: jax.Array) -> StreamingEntry:
+        """Writes the pending tokens at offsets_bk, in order, into the sink / ring (KVCache.keep)."""
         if self.pending_keys is None:
             return self
         path = self.replace(pending_keys=take_rows(self.pending_keys, offsets_bk),

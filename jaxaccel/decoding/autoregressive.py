@@ -28,6 +28,7 @@ from jaxaccel.sharding import cache_sharding, shard_state, sharding_for
 
 @struct.dataclass
 class LoopState:
+    """What the autoregressive while_loop carries: the cache, the outputs so far, the next input token, the key."""
     cache: KVCache  # prompt + generated tokens committed, except the last generated one
     result: DecodeResult
     last_b: jax.Array  # [B] int32: each row's latest token, the input of the next step

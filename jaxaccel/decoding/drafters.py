@@ -30,6 +30,7 @@ from jaxaccel.decoding.verify import Verdict
 
 @struct.dataclass
 class DraftState:
+    """What a drafter carries between steps (see the module doc's invariants)."""
     cache: KVCache | None  # the heads' own cache (None for medusa and plain hydra)
     head_input_bd: jax.Array  # [B, d] what the heads read at the last committed position
 

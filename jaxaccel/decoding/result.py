@@ -19,6 +19,7 @@ PAD_ID = 0  # fills the buffer past each row's generated tokens
 
 @struct.dataclass
 class DecodeResult:
+    """Fixed-size output buffers of a decode loop: tokens, counts, and which rows are done."""
     tokens_bn: jax.Array  # [B, max_new_tokens] int32; PAD_ID past num_generated_b
     num_generated_b: jax.Array  # [B] int32, stop token included
     num_steps_b: jax.Array  # [B] int32: forward passes that produced tokens for the row
@@ -26,12 +27,14 @@ class DecodeResult:
 
     @classmethod
     def empty(cls, batch_size: int, max_new_tokens: int) -> DecodeResult:
+        """Buffers for batch_size rows of up to max_new_tokens tokens, nothing written."""
         zeros_b = jnp.zeros((batch_size,), jnp.int32)
         return cls(tokens_bn=jnp.full((batch_size, max_new_tokens), PAD_ID, jnp.int32),
                    num_generated_b=zeros_b, num_steps_b=zeros_b, done_b=jnp.zeros((batch_size,), bool))
 
     @property
     def max_new_tokens(self) -> int:
+        """Tokens a row can hold."""
         return self.tokens_bn.shape[1]
 
     def append(self, new_bk: jax.Array, count_b: jax.Array, stop_ids: jax.Array) -> DecodeResult:

@@ -31,6 +31,7 @@ from jaxaccel.model import Transformer
 
 @struct.dataclass
 class SpecState:
+    """What the speculative while_loop carries from one step to the next."""
     cache: KVCache  # the base's: committed through the last accepted node
     draft: DraftState
     result: DecodeResult
@@ -112,10 +113,12 @@ class SpeculativeDecoder:
 
     @property
     def tree(self) -> Tree | DynamicTree:
+        """The token tree drafted every step."""
         return self.drafter.tree
 
     def start(self, prompts: Sequence[Sequence[int]], *, policy, max_new_tokens: int,
               stop_tokens: Sequence[int] = (), seed: int = 0) -> tuple[SpecState, jax.Array]:
+        """Pads the prompts into a cache and prefills them (compiled per prompt bucket): the loop's first state."""
         # The cache also holds one tree's worth of unaccepted K/V past the generated tokens.
         tokens_bs, lengths_b, cache_len = pad_prompts(prompts, max_new_tokens + self.tree.num_nodes,
                                                       self.config.max_position_embeddings)
@@ -127,6 +130,7 @@ class SpeculativeDecoder:
         return state, stop_ids
 
     def finish(self, state: SpecState, stop_ids, *, policy) -> SpecState:
+        """Runs the jitted while_loop from `start`'s state until every row is done."""
         return spec_loop_jit(self.graphdef, self.params, self.heads_graphdef, self.heads_params, state, stop_ids,
                              policy=policy, drafter=self.drafter)
 

@@ -98,6 +98,7 @@ class DynamicTree:
 
     @property
     def max_children(self) -> int:
+        """The most children a node can get (topk)."""
         return self.topk
 
     def to_json(self) -> dict:
@@ -106,6 +107,7 @@ class DynamicTree:
 
 @dataclass(frozen=True)
 class Tree:
+    """A static token tree: node i > 0 is a path of top-k ranks from the root (Medusa-style), sorted by depth."""
     paths: tuple[tuple[int, ...], ...]  # every non-root node, parents before children
 
     def __post_init__(self):
@@ -158,6 +160,7 @@ class Tree:
         return {"paths": [list(p) for p in self.paths]}
 
     def save(self, path: str | Path) -> None:
+        """Writes the tree as JSON (atomically)."""
         save_tree(self, path)
 
     def batch(self, batch_size: int) -> TreeBatch:
@@ -174,6 +177,7 @@ class Tree:
 
     @property
     def depth(self) -> int:
+        """Draft levels below the root."""
         return max((len(p) for p in self.paths), default=0)
 
     @property

@@ -30,6 +30,7 @@ from jaxaccel.decoding.tree import Tree, TreeBatch
 
 @struct.dataclass
 class Verdict:
+    """What verification decided per row: the accepted path's nodes, how many, and the base's bonus token."""
     path_bd: jax.Array  # [B, depth + 1] nodes root..last accepted, padded by repeating the last
     num_nodes_b: jax.Array  # [B] accepted nodes, root included = tokens emitted (the bonus replaces the root)
     bonus_b: jax.Array  # [B] the base model's token after the last accepted node

@@ -19,6 +19,7 @@ from jaxaccel.model import Transformer, run_layers
 
 @struct.dataclass
 class DraftOutput:
+    """A heads forward pass for training: logits per depth (and eagle's predicted features)."""
     logits_kbtv: jax.Array  # [depth, B, T, V] float32
     features_kbtd: jax.Array | None = None  # eagle: the predicted base hidden state of each draft step
 

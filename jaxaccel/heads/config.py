@@ -37,6 +37,7 @@ class HeadsConfig:
             raise ValueError("eagle always uses the base model's LM head; share_lm_head does not apply")
 
     def replace(self, **overrides: Any) -> HeadsConfig:
+        """A copy with some fields changed (validated again)."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -44,10 +45,12 @@ class HeadsConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-ready values (heads_config.json)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadsConfig:
+        """The config from `to_dict`'s output."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

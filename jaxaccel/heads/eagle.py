@@ -48,6 +48,7 @@ from jaxaccel.model import DecoderLayer, Transformer
 
 @struct.dataclass
 class EagleOutput:
+    """The EAGLE layer's predicted features and the cache with its new entries."""
     features: jax.Array  # [B, n, d] predicted base hidden state at position + 1
     logits: jax.Array  # [B, n, V] float32, for the token at position + 2
     cache: KVCache | None

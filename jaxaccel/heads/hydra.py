@@ -35,6 +35,9 @@ from jaxaccel.model import DecoderLayer, Transformer
 
 
 class HydraHeads(nnx.Module):
+    """Hydra heads: head k reads the base's state and the drafted path's token embeddings
+    (sequentially dependent drafts), with an optional prefix layer (Hydra++)."""
+
     def __init__(self, config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.layer_config = decoder_config(base_config)

@@ -24,6 +24,9 @@ from jaxaccel.model import Transformer
 
 
 class MedusaHeads(nnx.Module):
+    """Medusa heads: K residual heads over the base's last verified hidden state h_t; head k drafts
+    the token at t + k + 2."""
+
     def __init__(self, config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs):
         del rngs  # zero-initialised blocks, LM heads copied from the base: nothing random
         self.config = config

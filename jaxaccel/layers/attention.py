@@ -62,6 +62,7 @@ def visible_keys(mask_bnn: jax.Array, positions_bn: jax.Array, lengths_b: jax.Ar
 
 
 class Attention(nnx.Module):
+    """Multi-head attention with GQA, RoPE and optional q/k norms: the projections every softmax kind shares."""
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, hd = config.hidden_size, config.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd

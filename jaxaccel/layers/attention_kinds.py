@@ -23,6 +23,7 @@ from jaxaccel.layers.linear_attention import LinearAttention, create_linear_entr
 
 @dataclass(frozen=True)
 class AttentionKind:
+    """One entry of the registry: the layer class and the factory of its cache entry."""
     name: str
     layer: type[nnx.Module]
     create_entry: Callable
@@ -38,6 +39,7 @@ assert tuple(KINDS) == ATTENTION_KINDS
 
 
 def attention_kind(name: str) -> AttentionKind:
+    """The registry entry of `name`; an unknown name is an error that lists the kinds."""
     if name not in KINDS:
         raise ValueError(f"unknown attention kind {name!r}; expected one of {tuple(KINDS)}")
     return KINDS[name]

@@ -69,6 +69,7 @@ def quest_pages(bounds_bknp: jax.Array, lengths_b: jax.Array, query_pos_bn: jax.
 
 
 class BlockSparseAttention(Attention):
+    """`block_sparse` attention (module doc): Λ heads with the block mask, dense heads with Quest decoding."""
     def __init__(self, config: ModelConfig, layer_index: int = 0, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
         spec = config.attention or AttentionSpec(kinds=("block_sparse",))
@@ -158,5 +159,6 @@ class BlockSparseAttention(Attention):
 
 
 def create_paged_entry(config: ModelConfig, layer_index: int, batch_size: int, max_len: int, dtype) -> PagedEntry:
+    """The empty paged cache entry of a block_sparse layer."""
     spec = config.attention or AttentionSpec(kinds=("block_sparse",))
     return PagedEntry.create(batch_size, config.num_kv_heads, config.resolved_head_dim, spec.page_size, max_len, dtype)

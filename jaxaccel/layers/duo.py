@@ -30,6 +30,7 @@ def streaming_visible(query_pos_bn: jax.Array, key_pos_bt: jax.Array, sink: int,
 
 
 class DuoAttention(Attention):
+    """`duo` attention (module doc): retrieval heads see the whole context, streaming heads sink + recent."""
     def __init__(self, config: ModelConfig, layer_index: int = 0, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
         spec = config.attention or AttentionSpec(kinds=("duo",))
@@ -94,6 +95,7 @@ class DuoAttention(Attention):
 
 
 def create_duo_entry(config: ModelConfig, layer_index: int, batch_size: int, max_len: int, dtype) -> DuoEntry:
+    """The empty cache entry of a duo layer: dense for its retrieval heads, a ring for its streaming heads."""
     spec = config.attention or AttentionSpec(kinds=("duo",))
     retrieval = spec.retrieval_mask(layer_index, config.num_kv_heads)
     num_retrieval, d = sum(retrieval), config.resolved_head_dim

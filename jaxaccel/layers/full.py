@@ -30,5 +30,6 @@ class FullAttention(Attention):
 
 
 def create_dense_entry(config: ModelConfig, layer_index: int, batch_size: int, max_len: int, dtype) -> DenseEntry:
+    """The empty dense cache entry of a full-attention layer."""
     shape = (batch_size, max_len, config.num_kv_heads, config.resolved_head_dim)
     return DenseEntry(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype))

@@ -92,6 +92,7 @@ def fixed_log_decays(num_heads: int) -> np.ndarray:
 
 
 class LinearAttention(Attention):
+    """`linear` attention (module doc): chunk-parallel in training and prefill, a recurrent state in decoding."""
     def __init__(self, config: ModelConfig, layer_index: int = 0, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
         spec = config.attention or AttentionSpec(kinds=("linear",))
@@ -128,4 +129,5 @@ class LinearAttention(Attention):
 
 
 def create_linear_entry(config: ModelConfig, layer_index: int, batch_size: int, max_len: int, dtype) -> LinearStateEntry:
+    """The empty recurrent state of a linear layer."""
     return LinearStateEntry.create(batch_size, config.num_heads, config.resolved_head_dim)

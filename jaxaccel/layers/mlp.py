@@ -8,6 +8,7 @@ from jaxaccel.layers.linear import dense
 
 
 class MLP(nnx.Module):
+    """The SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = dense(config, d, f, ("embed", "mlp"), bias, rngs)

@@ -36,6 +36,7 @@ class MoEStats(nnx.Intermediate):
 
 
 class MoE(nnx.Module):
+    """The Mixture-of-Experts block (module doc): router, experts, optional shared expert, dispatch by MoESpec."""
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         spec = self.spec = config.moe
         d, f, e = config.hidden_size, config.moe_intermediate_size, spec.num_experts

@@ -6,6 +6,7 @@ from flax import nnx
 
 
 class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, in float32."""
     def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32, axis_name: str = "norm"):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,), eager_sharding=False)

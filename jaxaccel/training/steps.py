@@ -47,6 +47,7 @@ class ModelParts:
 
     @classmethod
     def transformer(cls, config: ModelConfig) -> ModelParts:
+        """The parts of a plain Transformer of this config (the pretraining model)."""
         return cls(lambda rngs: Transformer(config, rngs=rngs))
 
     def params(self, module: nnx.Module) -> Params:
