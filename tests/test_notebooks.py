@@ -7,7 +7,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ("quickstart.ipynb", "training_heads.ipynb")
+NAMES = ("quickstart.ipynb", "training_heads.ipynb", "attention_kinds.ipynb", "moe.ipynb")
 
 
 def test_the_listed_notebooks_are_all_the_notebooks():
