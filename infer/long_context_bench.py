@@ -8,7 +8,8 @@
 For each context C and kind, one row: KV-cache bytes at batch 1 (C + the decode room), passkey
 accuracy (jaxaccel.passkey, test-split filler, C tokens), test-split loss (nats/token over windows
 of C tokens, training-mode forward), and decode tokens/s after a C-token prompt — plain greedy
-decoding and speculative decoding with --heads (the prefill is not timed).
+decoding and speculative decoding with --heads (the prefill is not timed; --model's heads, so
+no speculative row for `linear`).
 
 Kinds: `full` is the base model; `duo` and `block_sparse` run the base model's weights with the
 heads of --duo-model (its config.json from train.retrieval_heads: retrieval heads, sink, recent;
@@ -56,6 +57,17 @@ def kind_model(kind: str, base, duo_spec, context: int, rope_scaling: bool, line
 
 
 BLOCK_BUDGET = 512  # Quest's token budget for block_sparse decoding
+
+
+def heads_for(heads, config):
+    """The heads over a row's model config: a draft layer (EAGLE, Hydra's prefix layer) gets the
+    row's context length and RoPE scaling (its own attention stays full)."""
+    from flax import nnx
+
+    from jaxaccel.heads.registry import make_heads
+
+    shell = nnx.eval_shape(lambda: make_heads(heads.config, config, rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.graphdef(shell), nnx.state(heads))
 
 
 def kv_bytes(config, max_len: int) -> int:
@@ -136,10 +148,10 @@ def run(args: argparse.Namespace) -> dict:
             row["passkey_accuracy"] = float(np.mean([passkey_accuracy(model, b) for b in batches]))
             row["test_loss"] = test_loss(model, stream, context, args.loss_windows)
             row["ar"] = decode_speed(AutoregressiveDecoder(model), prompt, args.max_new_tokens, args.repeats)
-            if heads is not None:
+            if heads is not None and kind != "linear":  # the heads are --model's: not the linear model's
                 from jaxaccel.decoding.speculative import SpeculativeDecoder
-                row["speculative"] = decode_speed(SpeculativeDecoder(model, heads), prompt, args.max_new_tokens,
-                                                  args.repeats)
+                row["speculative"] = decode_speed(SpeculativeDecoder(model, heads_for(heads, model.config)), prompt,
+                                                  args.max_new_tokens, args.repeats)
             row["row_seconds"] = time.perf_counter() - began
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
