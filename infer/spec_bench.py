@@ -63,7 +63,8 @@ def time_prompts(decoder, prompts, *, policy, max_new_tokens: int, stop, repeats
 def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, *, tree_specs, temperatures,
                        max_new_tokens: int, repeats: int, seed: int) -> dict:
     """Rows for ar and for every (heads directory, tree spec) pair; `tree_specs`: --tree values
-    (a list; [None] for each kind's default)."""
+    (a list; [None] for each kind's default). Among several tree specs, a dynamic one is skipped
+    for heads other than eagle (alone, it is the error it would be in infer.generate)."""
     from jaxaccel.decoding import AutoregressiveDecoder, make_policy
     from jaxaccel.decoding.speculative import SpeculativeDecoder
     from jaxaccel.decoding.text import stop_tokens
@@ -75,6 +76,8 @@ def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, 
     for heads_dir in heads_dirs:
         heads = load_heads(heads_dir, model_dir)
         for tree_spec in tree_specs:
+            if len(tree_specs) > 1 and heads.config.kind != "eagle" and (tree_spec or "").startswith("dynamic"):
+                continue  # dynamic trees are EAGLE-2's: in a list of trees they apply to eagle heads only
             decoder = SpeculativeDecoder(model, heads, resolve_tree(tree_spec, heads_dir, heads))
             name = heads.config.kind if len(tree_specs) == 1 else f"{heads.config.kind} ({tree_spec or 'default'})"
             if name in decoders:
