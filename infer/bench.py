@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
                         "(infer/long_context_bench.py; --out DIR gets long_context.json)")
     long_context_bench.add_arguments(parser.add_argument_group("--long-context"))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the reports
     if args.long_context:
         if args.model is None or len(args.heads) > 1:
             print("error: --long-context needs --model DIR and at most one --heads DIR", file=sys.stderr)
@@ -249,6 +251,8 @@ def speculative_main(args) -> int:
     print(table, end="")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
+        command = "python -m infer.bench " + shlex.join(args.argv)
+        report = {"command": command, "device": str(jax.devices()[0]), **report}
         (args.out / "spec_bench.json").write_text(json.dumps(report, indent=1, default=str))
         (args.out / "spec_bench.md").write_text(table)
     return 0
