@@ -79,6 +79,18 @@ def test_retrieval_heads_writes_a_duo_model(tiny_full_model, tmp_path):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 500, (1, 18)))
     np.testing.assert_allclose(duo(tokens), base(tokens), atol=1e-5)  # 18 tokens: inside sink + recent
 
+    # The long-context benchmark runs end to end on it (past the trained context: RoPE interpolation).
+    from infer import long_context_bench
+
+    report = tmp_path / "long_context.json"
+    assert long_context_bench.main(["--model", str(tiny_full_model), "--duo-model", str(out), "--contexts", "512",
+                                    "--kinds", "full", "duo", "block_sparse", "--passkeys", "1", "--loss-windows", "1",
+                                    "--max-new-tokens", "4", "--repeats", "1", "--out", str(report)]) == 0
+    rows = {r["kind"]: r for r in json.loads(report.read_text())["rows"]}
+    assert set(rows) == {"full", "duo", "block_sparse"}
+    assert rows["duo"]["kv_bytes"] < rows["full"]["kv_bytes"] < rows["block_sparse"]["kv_bytes"]
+    assert all(np.isfinite(r["test_loss"]) and r["ar"]["tokens_per_s"] > 0 for r in rows.values())
+
 
 def test_retrieval_heads_rejects_bad_sparsity(tiny_full_model, tmp_path, capsys):
     from train import retrieval_heads
