@@ -33,7 +33,7 @@ def last_logits(model, seqs):
     batch = np.zeros((len(seqs), width), np.int32)
     for r, s in enumerate(seqs):
         batch[r, :len(s)] = s
-    logits = np.asarray(model(batch))
+    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, batch))  # one compile, not one per eager op
     return np.stack([logits[r, len(s) - 1] for r, s in enumerate(seqs)])
 
 
