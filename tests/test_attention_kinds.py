@@ -18,7 +18,6 @@ from jaxaccel.caches.streaming import StreamingEntry
 from jaxaccel.config import AttentionSpec
 from jaxaccel.layers.attention_kinds import KINDS, make_attention
 from jaxaccel.layers.context import ForwardContext
-from jaxaccel.layers.heads_split import project_qkv
 from jaxaccel.layers.linear_attention import (chunked_linear_attention, linear_attention_step,
                                               masked_linear_attention)
 
@@ -105,7 +104,7 @@ def reference_visible(kind, spec, q, k, decode_from):
 def reference_layer(layer, kind, x_btd, decode_from=T):
     """The layer's output [B, T, d] from its own projections and the reference mask."""
     positions = jnp.broadcast_to(jnp.arange(x_btd.shape[1]), x_btd.shape[:2])
-    q, k, v = (np.asarray(a, np.float64) for a in project_qkv(layer, x_btd, positions, rope=kind != "linear"))
+    q, k, v = (np.asarray(a, np.float64) for a in layer.project_qkv(x_btd, positions, rope=kind != "linear"))
     if kind == "linear":
         g = np.asarray(layer.log_decay(x_btd), np.float64)
         group = q.shape[2] // k.shape[2]

@@ -77,6 +77,20 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def project_qkv(self, x_bnd: jax.Array, positions_bn: jax.Array, rope: bool = True):
+        """q [B, n, H, D], k and v [B, n, Hkv, D]: the projections, q/k norms and (rope) RoPE that
+        every softmax kind shares (linear attention takes them without RoPE)."""
+        b, n, _ = x_bnd.shape
+        q = self.q_proj(x_bnd).reshape(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x_bnd).reshape(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_bnd).reshape(b, n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope:
+            inv_freq = inverse_frequencies(self.config)  # a trace-time constant
+            q, k = apply_rope(q, positions_bn, inv_freq), apply_rope(k, positions_bn, inv_freq)
+        return q, k, v
+
     def __call__(self, x_bnd: jax.Array, positions_bn: jax.Array, visible_bnt: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None, lengths_b: jax.Array | None = None,
                  causal: bool = False):
@@ -85,14 +99,7 @@ class Attention(nnx.Module):
         slots, each query sees. causal: without a cache, visible_bnt is exactly the causal mask, so
         the Pallas impl may run flash attention (training, prefill) instead of the masked kernel."""
         b, n, _ = x_bnd.shape
-        q = self.q_proj(x_bnd).reshape(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x_bnd).reshape(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_bnd).reshape(b, n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = inverse_frequencies(self.config)  # a trace-time constant
-        q = apply_rope(q, positions_bn, inv_freq)
-        k = apply_rope(k, positions_bn, inv_freq)
+        q, k, v = self.project_qkv(x_bnd, positions_bn)
         if kv is not None:
             kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
             k, v = kv

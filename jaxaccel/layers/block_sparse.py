@@ -24,7 +24,7 @@ from jaxaccel.caches.rows import write_rows
 from jaxaccel.config import AttentionSpec, ModelConfig
 from jaxaccel.layers.attention import Attention
 from jaxaccel.layers.context import ForwardContext
-from jaxaccel.layers.heads_split import attend, masked_attention_per_head, merge_groups, project_qkv, query_heads
+from jaxaccel.layers.heads_split import attend, masked_attention_per_head, merge_groups, query_heads
 from jaxaccel.layers.sparse_decode import gathered_attention, segment_slots, top_pages
 
 SPARSE_DECODE_MAX_NEW = 64  # passes of at most this many new tokens (decode, tree verify) gather their keys
@@ -84,7 +84,7 @@ class BlockSparseAttention(Attention):
 
     def __call__(self, x_bnd: jax.Array, ctx: ForwardContext, entry: PagedEntry | None = None):
         b, n, _ = x_bnd.shape
-        q, k, v = project_qkv(self, x_bnd, ctx.positions_bn)
+        q, k, v = self.project_qkv(x_bnd, ctx.positions_bn)
         group = self.num_heads // self.num_kv_heads
         pos_bn = ctx.positions_bn
         if entry is None:

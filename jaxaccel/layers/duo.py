@@ -20,7 +20,7 @@ from jaxaccel.caches.streaming import StreamingEntry
 from jaxaccel.config import AttentionSpec, ModelConfig
 from jaxaccel.layers.attention import Attention
 from jaxaccel.layers.context import ForwardContext
-from jaxaccel.layers.heads_split import attend, merge_groups, project_qkv, query_heads
+from jaxaccel.layers.heads_split import attend, merge_groups, query_heads
 
 
 def streaming_visible(query_pos_bn: jax.Array, key_pos_bt: jax.Array, sink: int, recent: int) -> jax.Array:
@@ -42,7 +42,7 @@ class DuoAttention(Attention):
 
     def __call__(self, x_bnd: jax.Array, ctx: ForwardContext, entry: DuoEntry | None = None):
         b, n, _ = x_bnd.shape
-        q, k, v = project_qkv(self, x_bnd, ctx.positions_bn)
+        q, k, v = self.project_qkv(x_bnd, ctx.positions_bn)
         group = self.num_heads // self.num_kv_heads
         if ctx.duo_gates is not None:
             if entry is not None:

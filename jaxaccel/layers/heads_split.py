@@ -1,5 +1,5 @@
 """Attention over groups of KV heads that see different keys (duo's retrieval / streaming heads,
-block_sparse's dense / Λ heads), and the q/k/v projections the softmax kinds share."""
+block_sparse's dense / Λ heads)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.layers.attention import MASKED, Attention, dot_product_attention
-from jaxaccel.layers.rope import apply_rope, inverse_frequencies
-
-
-def project_qkv(attn: Attention, x_bnd: jax.Array, positions_bn: jax.Array, rope: bool = True):
-    """q [B, n, H, D], k and v [B, n, Hkv, D] of an Attention module's projections (RoPE applied)."""
-    b, n, _ = x_bnd.shape
-    q = attn.q_proj(x_bnd).reshape(b, n, attn.num_heads, attn.head_dim)
-    k = attn.k_proj(x_bnd).reshape(b, n, attn.num_kv_heads, attn.head_dim)
-    v = attn.v_proj(x_bnd).reshape(b, n, attn.num_kv_heads, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope:
-        inv_freq = inverse_frequencies(attn.config)
-        q, k = apply_rope(q, positions_bn, inv_freq), apply_rope(k, positions_bn, inv_freq)
-    return q, k, v
+from jaxaccel.layers.attention import MASKED, dot_product_attention
 
 
 def query_heads(kv_heads: tuple[int, ...], group: int) -> np.ndarray:

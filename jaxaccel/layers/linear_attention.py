@@ -24,7 +24,6 @@ from jaxaccel.caches.linear_state import LinearStateEntry
 from jaxaccel.config import AttentionSpec, ModelConfig, resolve_attention_impl
 from jaxaccel.layers.attention import Attention
 from jaxaccel.layers.context import ForwardContext
-from jaxaccel.layers.heads_split import project_qkv
 from jaxaccel.layers.linear import dense
 
 GATE_TEMPERATURE = 16.0  # keeps initial decays close to 1 (GLA's normaliser)
@@ -108,7 +107,7 @@ class LinearAttention(Attention):
 
     def __call__(self, x_bnd: jax.Array, ctx: ForwardContext, entry: LinearStateEntry | None = None):
         b, n, _ = x_bnd.shape
-        q, k, v = project_qkv(self, x_bnd, ctx.positions_bn, rope=False)
+        q, k, v = self.project_qkv(x_bnd, ctx.positions_bn, rope=False)
         group = self.num_heads // self.num_kv_heads
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         g = self.log_decay(x_bnd)
