@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-prompts", type=int, default=8, help="test-split prompts for the speculative rows")
     parser.add_argument("--tune-tree", action="store_true", help="choose and save the best tree for each --heads")
     parser.add_argument("--attention-impl", choices=("auto", "xla", "pallas"),
-                        help="attention implementation (default: the model config's; 'auto': Pallas on GPU, XLA elsewhere)")
+                        help="attention implementation (default: the model config's; 'auto': Pallas on GPU and TPU, XLA on CPU)")
     from infer import long_context_bench
 
     parser.add_argument("--long-context", action="store_true", help="the attention kinds at long contexts "

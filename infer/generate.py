@@ -41,7 +41,7 @@ def parse_args(argv):
                         "dynamic[:TOPK,DEPTH,NODES] (EAGLE-2, eagle heads) | FILE.json")
     parser.add_argument("--attention-impl", choices=("auto", "xla", "pallas"),
                         help="attention implementation (default: the model config's; 'auto': Pallas kernels on "
-                        "GPU, XLA on CPU and TPU; 'pallas' on CPU runs the Pallas interpreter, slowly)")
+                        "GPU and TPU, XLA on CPU; 'pallas' on CPU runs the Pallas interpreter, slowly)")
     return parser.parse_args(argv)
 
 

@@ -11,19 +11,27 @@ ROPE_KINDS = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
-def resolve_attention_impl(impl: str) -> str:
-    """"auto" -> "pallas" on GPU, "xla" on CPU and TPU (decided at trace time); others as given.
+def resolve_attention_impl(impl: str, *, head_dim: int | None = None, num_kv_heads: int | None = None) -> str:
+    """"auto" -> "pallas" on GPU and TPU, "xla" on CPU (decided at trace time); others as given.
 
-    "pallas" on CPU runs the kernels in the Pallas interpreter (slow; for tests), never silently
-    XLA. TPU stays on XLA under "auto" until the kernels have TPU layouts (see pallas_kernels).
+    One rule by shape on TPU: the decode kernel reads kv head h as a 128-lane block of the
+    [B, T, Hkv * D] cache, so attention over a cache (callers pass head_dim and num_kv_heads)
+    whose head_dim is not a multiple of 128, with more than one kv head, resolves "auto" to
+    "xla" there; an explicit "pallas" raises a KernelArgumentError naming the head size instead.
+    "pallas" on CPU runs the kernels in the Pallas interpreter (slow; for tests), never silently XLA.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
-    if impl == "auto":
-        import jax  # here, so that reading a config never initialises a backend
+    if impl != "auto":
+        return impl
+    import jax  # here, so that reading a config never initialises a backend
 
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl
+    backend = jax.default_backend()
+    if backend == "tpu" and head_dim is not None:
+        from pallas_kernels.decode_attention_tpu import fits_tpu_layout
+
+        return "pallas" if fits_tpu_layout(head_dim, num_kv_heads) else "xla"
+    return "pallas" if backend in ("gpu", "tpu") else "xla"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def check_positive(name: str, value: int) -> None:
 
 
 def compiler_params(interpret: bool):
-    """Lowering choice for a pallas_call: the Triton GPU lowering unless interpreting or on TPU.
+    """Lowering choice for a GPU-version pallas_call: the Triton lowering unless interpreting.
 
     jax 0.10 lowers a pallas_call without compiler params through Mosaic GPU, which needs the
     kernels in its own (warpgroup) style; these kernels are written for Triton's. On TPU the
@@ -48,8 +48,12 @@ def compiler_params(interpret: bool):
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def require_not_tpu(kernel: str, interpret: bool) -> None:
-    """These kernels' blocks do not fit Mosaic TPU's tiling: say so instead of failing in lowering."""
-    if not interpret and jax.default_backend() == "tpu":
-        raise NotImplementedError(f"{kernel} has no TPU version yet (its [B, T, H, D] blocks do not fit Mosaic "
-                                  "TPU's tiling); use the XLA path on TPU (attention_impl='xla' or 'auto')")
+def tpu_route(interpret) -> bool:
+    """Whether a kernel takes its TPU (Mosaic) version: compiled on a TPU backend (interpret=False
+    or None there), or simulated on any backend with interpret=pltpu.InterpretParams(...).
+    interpret=True is the generic Pallas interpreter running the GPU version."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    if isinstance(interpret, pltpu.InterpretParams):
+        return True
+    return interpret is not True and jax.default_backend() == "tpu"

@@ -22,9 +22,10 @@ A query that sees no key at all (only padding rows) gets an unspecified finite v
 Hardware: GPU through Pallas's Triton lowering (compiler params from `_common.compiler_params`;
 jax 0.10's default Mosaic GPU lowering wants warpgroup-style kernels). The lowering to Triton IR
 is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); it has not been
-compiled to PTX nor run on a GPU. TPU: not supported yet — Mosaic TPU rejects these [B, T, H, D]
-blocks (a squeezed head axis in the tiled second-minor position); a TPU version needs
-[B, H, T, D] blocks and scalars in SMEM. Correctness was checked in interpret mode on CPU only.
+compiled to PTX nor run on a GPU. TPU: `decode_attention` hands over to `decode_attention_tpu`
+(pallas_kernels/decode_attention_tpu.py: Mosaic blocks, scalar-prefetched lengths, head_dim a
+multiple of 128), tested under the TPU interpreter and exported for "tpu" on CPU, not run on a
+TPU. Correctness was checked in interpret mode on CPU only.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (MASKED, KernelArgumentError, cdiv, check_positive,
-                                     check_rank, compiler_params, default_interpret,
-                                     require_not_tpu)
+                                     check_rank, compiler_params, default_interpret, tpu_route)
+from pallas_kernels.decode_attention_tpu import decode_attention_tpu
 
 
 def decode_attention_reference(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
@@ -187,6 +188,9 @@ def _visible_end(visible_bnt: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _decode_attention_vjp(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b, block_t, num_splits, interpret):
+    if tpu_route(interpret):
+        return decode_attention_tpu(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b, block_t=block_t,
+                                    interpret=interpret)
     return _decode_attention_pallas(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b,
                                     block_t=block_t, num_splits=num_splits, interpret=interpret)
 
@@ -215,8 +219,10 @@ def decode_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, vi
     visible_bnt [B, n, T] bool, or [B, Hkv, n, T] for a mask per kv head (DuoAttention's
     streaming heads, Λ heads). kv_end_b [B] (optional): no slot at or past it is visible in row b
     (the model passes lengths + n) so those blocks are skipped; by default it is read off the mask.
-    T is split into at most `num_splits` splits of whole `block_t` blocks. `interpret` defaults to
-    True on CPU. Differentiable: the backward pass is the reference's (XLA), not a kernel.
+    T is split into at most `num_splits` splits of whole `block_t` blocks (GPU). On TPU (or with
+    interpret=pltpu.InterpretParams()) the TPU kernel runs instead: no splits, block_t a multiple
+    of 128, head_dim a multiple of 128 unless Hkv = 1. `interpret` defaults to True on CPU.
+    Differentiable: the backward pass is the reference's (XLA), not a kernel.
     """
     _check_args(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b)
     check_positive("block_t", block_t)
@@ -224,5 +230,4 @@ def decode_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, vi
     if kv_end_b is None:
         kv_end_b = _visible_end(visible_bnt)
     interpret = default_interpret() if interpret is None else interpret
-    require_not_tpu("decode_attention", interpret)
     return _decode_attention_vjp(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b, block_t, num_splits, interpret)

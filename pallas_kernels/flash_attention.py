@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (MASKED, KernelArgumentError, cdiv, check_positive,
-                                     check_rank, compiler_params, default_interpret)
+                                     check_rank, compiler_params, default_interpret, tpu_route)
 
 
 def causal_block_mask(num_heads: int, seq_len: int, block_q: int, block_k: int) -> np.ndarray:
@@ -290,16 +290,21 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, *, causal: bool = True,
-                    block_mask_hqk=None, block_q: int = 64, block_k: int = 64,
+                    block_mask_hqk=None, block_q: int | None = None, block_k: int | None = None,
                     interpret: bool | None = None) -> jax.Array:
     """Flash attention with an optional per-head block mask; differentiable (kernel backward).
 
     q_bthd [B, T, Hq, D], k_bthd / v_bthd [B, T, Hkv, D]; block_mask_hqk [Hq, cdiv(T, block_q),
     cdiv(T, block_k)] bools (None: all blocks). Returns [B, T, Hq, D] in v's dtype. Equals
     `flash_attention_reference` with the same arguments. `interpret` defaults to True on CPU.
+    On TPU (or with interpret=pltpu.InterpretParams()) splash attention runs it
+    (`flash_attention_tpu`); the blocks default to 128 there, 64 elsewhere.
     """
     check_rank("q_bthd", q_bthd, 4, "[B, T, Hq, D]")
     check_rank("k_bthd", k_bthd, 4, "[B, T, Hkv, D]")
+    on_tpu = tpu_route(interpret)
+    block_q = block_q or (128 if on_tpu else 64)  # splash wants whole 128-lane blocks
+    block_k = block_k or (128 if on_tpu else 64)
     check_positive("block_q", block_q)
     check_positive("block_k", block_k)
     b, t, hq, d = q_bthd.shape
@@ -313,9 +318,9 @@ def flash_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, *, 
     if tuple(block_mask_hqk.shape) != expected:
         raise KernelArgumentError(f"block_mask_hqk must have shape [Hq, T/block_q, T/block_k] = {expected}, "
                                   f"got {tuple(block_mask_hqk.shape)}")
-    if interpret is not True and jax.default_backend() == "tpu":
+    if on_tpu:
         return flash_attention_tpu(q_bthd, k_bthd, v_bthd, causal=causal, block_mask_hqk=block_mask_hqk,
-                                   block_q=block_q, block_k=block_k)
+                                   block_q=block_q, block_k=block_k, interpret=interpret or False)
     t_pad = cdiv(t, math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
     pad = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
     bm = jnp.asarray(block_mask_hqk).astype(jnp.int32)
@@ -328,7 +333,8 @@ def flash_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, *, 
 
 def _splash_head_masks(block_mask_hqk: np.ndarray, seq_len: int, t_pad: int, block_q: int, block_k: int,
                        causal: bool):
-    """Splash's per-head masks over the padded length, one dense numpy mask per distinct head."""
+    """Splash's per-head masks over the padded length: the lazy causal mask where a head's block mask
+    is all on, else one dense numpy mask per distinct head."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
     t_q = np.arange(t_pad)
@@ -336,6 +342,10 @@ def _splash_head_masks(block_mask_hqk: np.ndarray, seq_len: int, t_pad: int, blo
     heads = []
     for head_mask in block_mask_hqk:
         key = head_mask.tobytes()
+        if key not in cache and causal and head_mask.all():
+            # plain causal: splash's lazy mask, no [T, T] array on the host. Over the padded length
+            # it is still exact: real queries never reach the padded keys, padded queries see keys.
+            cache[key] = mask_lib.CausalMask((t_pad, t_pad))
         if key not in cache:
             dense = head_mask[np.minimum(t_q, seq_len - 1) // block_q][:, np.minimum(t_q, seq_len - 1) // block_k]
             if causal:
@@ -356,8 +366,9 @@ def flash_attention_tpu(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
     """TPU: the same function as `flash_attention`, computed by JAX's splash attention kernel.
 
     The block mask must be concrete (numpy), as splash plans its sparsity on the host, and must
-    leave every query some key. Host memory: one [T, T] bool mask per distinct head mask. GQA
-    repeats K/V per query head. Block sizes must be multiples of 128 (TPU lanes).
+    leave every query some key. Host memory: one [T, T] bool mask per distinct sparse head mask
+    (plain causal heads take splash's lazy causal mask). GQA repeats K/V per query head. Block
+    sizes must be multiples of 128 (TPU lanes).
     """
     b, t, hq, d = q_bthd.shape
     g = hq // k_bthd.shape[2]

@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (KernelArgumentError, cdiv, check_positive, check_rank,
-                                     compiler_params, default_interpret)
+                                     compiler_params, default_interpret, tpu_route)
 
 
 def grouped_matmul_reference(lhs_mk: jax.Array, rhs_gkn: jax.Array, group_sizes_g: jax.Array) -> jax.Array:
@@ -120,8 +120,8 @@ def grouped_matmul(lhs_mk: jax.Array, rhs_gkn: jax.Array, group_sizes_g: jax.Arr
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped_matmul_vjp(lhs_mk, rhs_gkn, group_sizes_g, tiling, interpret):
-    if not interpret and jax.default_backend() == "tpu":
-        return grouped_matmul_tpu(lhs_mk, rhs_gkn, group_sizes_g, tiling=tiling)
+    if tpu_route(interpret):
+        return grouped_matmul_tpu(lhs_mk, rhs_gkn, group_sizes_g, tiling=tiling, interpret=interpret or False)
     block_m, block_k, block_n = tiling
     return _grouped_matmul(lhs_mk, rhs_gkn, group_sizes_g, block_m=block_m, block_k=block_k, block_n=block_n,
                            interpret=interpret)
@@ -150,6 +150,11 @@ def grouped_matmul_tpu(lhs_mk: jax.Array, rhs_gkn: jax.Array, group_sizes_g: jax
     m, k = lhs_mk.shape
     n = rhs_gkn.shape[2]
     tiling = (min(tiling[0], m), min(tiling[1], k), min(tiling[2], n))
+    for name, tile, full, unit in (("block_m", tiling[0], m, 8), ("block_k", tiling[1], k, 128),
+                                   ("block_n", tiling[2], n, 128)):
+        if tile % unit and tile != full:  # Mosaic's (8, 128) tiles
+            raise KernelArgumentError(f"{name} must be a multiple of {unit} on TPU (or the whole dimension, "
+                                      f"{full}), got {tile}")
     lhs = jnp.pad(lhs_mk, ((0, cdiv(m, tiling[0]) * tiling[0] - m), (0, 0)))
     sizes = jnp.maximum(group_sizes_g.astype(jnp.int32), 0)
     out = gmm(lhs, rhs_gkn, sizes, preferred_element_type=jnp.float32, tiling=tiling, interpret=interpret)[:m]

@@ -19,9 +19,10 @@ form (`chunked_linear_attention_reference`) — documented and tested, not a ker
 Hardware: GPU through Pallas's Triton lowering (compiler params from `_common.compiler_params`;
 jax 0.10's default Mosaic GPU lowering wants warpgroup-style kernels). The lowering to Triton IR
 is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); it has not been
-compiled to PTX nor run on a GPU. TPU: not supported yet — Mosaic TPU rejects these [B, T, H, D]
-blocks (a squeezed head axis in the tiled second-minor position); a TPU version needs
-[B, H, T, D] blocks and scalars in SMEM. Correctness was checked in interpret mode on CPU only.
+compiled to PTX nor run on a GPU. TPU: the forward hands over to `chunked_linear_attention_tpu`
+(pallas_kernels/linear_attention_tpu.py: [B, H, T, D] blocks, chunk_size a multiple of 8),
+tested under the TPU interpreter and exported for "tpu" on CPU, not run on a TPU. Correctness
+was checked in interpret mode on CPU only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (KernelArgumentError, cdiv, check_positive, check_rank,
-                                     compiler_params, default_interpret, require_not_tpu)
+                                     compiler_params, default_interpret, tpu_route)
 
 
 def linear_attention_quadratic(q_bthd, k_bthd, v_bthd, log_decay_bth) -> jax.Array:
@@ -48,13 +49,13 @@ def linear_attention_quadratic(q_bthd, k_bthd, v_bthd, log_decay_bth) -> jax.Arr
     return jnp.einsum("bhts,bshd->bthd", scores, v_bthd.astype(jnp.float32)).astype(v_bthd.dtype)
 
 
-def _chunk_local_cumsum(log_decay_bth, chunk):
+def chunk_local_cumsum(log_decay_bth, chunk):
     b, t, h = log_decay_bth.shape
     g = log_decay_bth.astype(jnp.float32).reshape(b, t // chunk, chunk, h)
     return jnp.cumsum(g, axis=2).reshape(b, t, h)
 
 
-def _pad_time(x, t_pad):
+def pad_time(x, t_pad):
     return jnp.pad(x, [(0, 0), (0, t_pad - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
@@ -63,9 +64,9 @@ def chunked_linear_attention_reference(q_bthd, k_bthd, v_bthd, log_decay_bth, ch
     b, t, h, d = q_bthd.shape
     c = chunk_size
     t_pad = cdiv(t, c) * c
-    q, k, v = (_pad_time(x.astype(jnp.float32), t_pad) for x in (q_bthd, k_bthd, v_bthd))
+    q, k, v = (pad_time(x.astype(jnp.float32), t_pad) for x in (q_bthd, k_bthd, v_bthd))
     q = q * d**-0.5
-    g = _chunk_local_cumsum(_pad_time(log_decay_bth, t_pad), c)
+    g = chunk_local_cumsum(pad_time(log_decay_bth, t_pad), c)
     split = lambda x: x.reshape(b, t_pad // c, c, *x.shape[2:]).swapaxes(0, 1)  # [N, B, C, ...]
     causal = jnp.tril(jnp.ones((c, c), bool))
 
@@ -110,11 +111,15 @@ def _linear_kernel(q_ref, k_ref, v_ref, g_ref, o_ref, *, chunk, num_chunks, scal
 
 
 def _forward(q, k, v, log_decay, chunk, interpret):
+    if tpu_route(interpret):
+        from pallas_kernels.linear_attention_tpu import chunked_linear_attention_tpu
+
+        return chunked_linear_attention_tpu(q, k, v, log_decay, chunk, interpret=interpret)
     b, t, h, d = q.shape
     e = v.shape[-1]
     t_pad = cdiv(t, chunk) * chunk
-    q, k, v = (_pad_time(x, t_pad) for x in (q, k, v))
-    g_bht = _chunk_local_cumsum(_pad_time(log_decay, t_pad), chunk).transpose(0, 2, 1)
+    q, k, v = (pad_time(x, t_pad) for x in (q, k, v))
+    g_bht = chunk_local_cumsum(pad_time(log_decay, t_pad), chunk).transpose(0, 2, 1)
     kernel = functools.partial(_linear_kernel, chunk=chunk, num_chunks=t_pad // chunk, scale=d**-0.5)
     o = pl.pallas_call(
         kernel,
@@ -155,7 +160,8 @@ def chunked_linear_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
 
     q_bthd, k_bthd [B, T, H, D]; v_bthd [B, T, H, Dv]; log_decay_bth [B, T, H] (<= 0, not
     checked on traced values). T need not be a multiple of chunk_size. Returns [B, T, H, Dv]
-    in v's dtype. The backward differentiates `chunked_linear_attention_reference`.
+    in v's dtype. The backward differentiates `chunked_linear_attention_reference`. On TPU (or
+    with interpret=pltpu.InterpretParams()) the forward is the TPU kernel (chunk_size % 8 == 0).
     """
     check_rank("q_bthd", q_bthd, 4, "[B, T, H, D]")
     check_rank("k_bthd", k_bthd, 4, "[B, T, H, D]")
@@ -167,5 +173,4 @@ def chunked_linear_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
     if log_decay_bth.shape != q_bthd.shape[:3]:
         raise KernelArgumentError(f"log_decay_bth must be [B, T, H] = {q_bthd.shape[:3]}, got {log_decay_bth.shape}")
     interpret = default_interpret() if interpret is None else interpret
-    require_not_tpu("chunked_linear_attention", interpret)
     return _linear(q_bthd, k_bthd, v_bthd, log_decay_bth, chunk_size, interpret)

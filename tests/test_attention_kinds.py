@@ -410,6 +410,28 @@ def test_pallas_impl_matches_xla(kind):
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
 
 
+
+def test_linear_tpu_route_matches_xla(monkeypatch, as_if_on_tpu):
+    """As on a TPU under "auto": the linear layer's chunked pass runs chunked_linear_attention_tpu
+    (simulated by the TPU interpreter; TPU chunks are multiples of 8)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    import pallas_kernels.linear_attention_tpu as tpu_module
+
+    config = ModelConfig(**BASE, attention=AttentionSpec(kinds=("linear",), chunk_size=8))
+    layer = make_attention(config.replace(attention_impl="xla"), 0, rngs=nnx.Rngs(3))
+    x_btd = jax.random.normal(jax.random.key(4), (2, T, config.hidden_size))
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    want, _ = layer(x_btd, context(positions))
+    tpu_layer = make_attention(config.replace(attention_impl="auto"), 0, rngs=nnx.Rngs(3))
+    nnx.update(tpu_layer, nnx.state(layer))
+    calls, kernel = [], tpu_module.chunked_linear_attention_tpu
+    monkeypatch.setattr(tpu_module, "chunked_linear_attention_tpu", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    with pltpu.force_tpu_interpret_mode():
+        got, _ = tpu_layer(x_btd, context(positions))
+    assert calls, "the TPU route never called chunked_linear_attention_tpu"
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
+
 def test_block_sparse_gathered_decode_equals_masked_path(monkeypatch):
     """Decode / verify passes gather their keys; long passes mask the whole cache: same result."""
     from jaxaccel.layers import block_sparse

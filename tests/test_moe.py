@@ -143,7 +143,11 @@ def test_dropless_gradients_equal_dense_buffers():
     for name in ("ragged_dot", "tiled", "pallas"):
         assert len(grads[name]) == len(grads["capacity"])
         for a, b in zip(grads[name], grads["capacity"]):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=name)
+            # float32 sums of terms up to |b|.max() (hundreds here) in another order: the rounding
+            # scales with the largest gradient, not with each element (a fixed 1e-5 failed at 3.9e-5)
+            scale = float(np.abs(np.asarray(b)).max())
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6 * scale + 1e-6, rtol=1e-4,
+                                       err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""pallas_kernels.decode_attention equals the model's XLA attention (interpret mode on CPU).
+"""pallas_kernels.decode_attention equals the model's XLA attention (interpret mode on CPU): the
+GPU kernel under the Pallas interpreter, the TPU kernel under the TPU interpreter.
 
-Outputs are NaN-poisoned by the interpreter (tests/test_pallas_interpret_poison.py), so a finite
+Outputs are NaN-poisoned by the interpreters (tests/test_pallas_interpret_poison.py), so a finite
 result that matches proves every element was written. Tolerances: float32 atol 2e-5; bfloat16
 inputs atol 3e-2 against the reference run on the same bfloat16 inputs (outputs are O(1)).
 """
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from jaxaccel.layers.attention import dot_product_attention, visible_keys
 from pallas_kernels import KernelArgumentError, decode_attention, decode_attention_reference
@@ -112,3 +114,44 @@ def test_bad_shapes_are_named():
         decode_attention(q, k, v, visible[:, :, :-1])
     with pytest.raises(KernelArgumentError, match="kv_end_b"):
         decode_attention(q, k, v, visible, jnp.zeros((3,), jnp.int32))
+
+
+# The TPU kernel (decode_attention_tpu), simulated: (b, n, hq, hkv, d, t, block_t) with n = 1 and
+# tree sizes, GQA 2/8/4, head_dim 128 with several kv heads or any head_dim with one, T not a
+# multiple of the block, a cache shorter than one block (streaming), ragged rows (short rows skip
+# their later blocks).
+TPU = pltpu.InterpretParams()
+TPU_SHAPES = [(3, 1, 4, 2, 128, 300, 128), (2, 6, 8, 1, 48, 500, 256), (2, 3, 8, 2, 128, 129, 128),
+              (2, 2, 4, 2, 128, 72, 128)]
+
+
+@pytest.mark.parametrize("b,n,hq,hkv,d,t,block_t", TPU_SHAPES)
+def test_tpu_kernel_matches_reference(b, n, hq, hkv, d, t, block_t):
+    q, k, v, visible, lengths = random_case(b * 1000 + t, b, n, hq, hkv, d, t)
+    want = decode_attention_reference(q, k, v, visible)
+    for kv_end in (None, lengths + n):
+        got = decode_attention(q, k, v, visible, kv_end, block_t=block_t, interpret=TPU)
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, atol=TOLERANCE[jnp.float32], rtol=0)
+
+
+def test_tpu_kernel_bfloat16_sliding_window_and_mask_per_kv_head():
+    q, k, v, visible, lengths = random_case(13, 2, 4, 4, 2, 128, 260, jnp.bfloat16, sliding_window=70)
+    got = decode_attention(q, k, v, visible, block_t=128, interpret=TPU)
+    want = decode_attention_reference(q, k, v, visible)
+    assert got.dtype == jnp.bfloat16 and np.all(np.isfinite(got.astype(jnp.float32)))
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=TOLERANCE[jnp.bfloat16], rtol=0)
+    keep = np.random.default_rng(13).random((2, 2, 4, 260)) < 0.5
+    per_head = jnp.asarray(np.asarray(visible)[:, None] & keep).at[..., 0].set(True)
+    got = decode_attention(q, k, v, per_head, lengths + 4, block_t=128, interpret=TPU)
+    want = decode_attention_reference(q, k, v, per_head)
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=TOLERANCE[jnp.bfloat16], rtol=0)
+
+
+def test_tpu_kernel_names_the_layouts_it_cannot_tile():
+    q, k, v, visible, _ = random_case(1, 1, 1, 4, 2, 64, 40)
+    with pytest.raises(KernelArgumentError, match="head_dim a multiple of 128.*got head_dim 64 with 2 kv heads"):
+        decode_attention(q, k, v, visible, interpret=TPU)
+    q, k, v, visible, _ = random_case(1, 1, 1, 2, 1, 128, 40)
+    with pytest.raises(KernelArgumentError, match="block_t must be a multiple of 128 on TPU, got 64"):
+        decode_attention(q, k, v, visible, block_t=64, interpret=TPU)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import (KernelArgumentError, flash_attention, flash_attention_reference, flash_attention_tpu,
                             streaming_block_mask)
@@ -63,7 +64,7 @@ def test_random_block_sparse_non_causal_with_empty_rows():
 
 
 def test_tpu_path_splash_attention_matches_reference():
-    """The TPU route (splash attention, interpret mode here): streaming Λ on some heads, GQA,
+    """The TPU route (splash attention, under the TPU interpreter here): streaming Λ on some heads, GQA,
     T = 200 not a multiple of its 128-wide blocks; forward and backward."""
     t, block = 200, 128
     mask = streaming_block_mask(4, t, block_q=block, block_k=block, sink_tokens=4, recent_tokens=20,
@@ -71,7 +72,8 @@ def test_tpu_path_splash_attention_matches_reference():
     q, k, v = qkv(4, 1, t, 4, 2, 16)
     d_out = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape, np.float32))
     kw = dict(causal=True, block_mask_hqk=mask, block_q=block, block_k=block)
-    got, grads = output_and_grads(lambda *a, **kw: flash_attention_tpu(*a, interpret=True, **kw), q, k, v, d_out, **kw)
+    got, grads = output_and_grads(lambda *a, **kw: flash_attention(*a, interpret=pltpu.InterpretParams(), **kw), q, k, v,
+                                  d_out, **kw)
     want, want_grads = output_and_grads(flash_attention_reference, q, k, v, d_out, **kw)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     for name, g, w in zip("qkv", grads, want_grads):

@@ -1,14 +1,18 @@
-"""pallas_kernels.chunked_linear_attention equals the O(T^2) definition (interpret mode on CPU).
+"""pallas_kernels.chunked_linear_attention equals the O(T^2) definition (interpret mode on CPU):
+the GPU kernel under the Pallas interpreter, the TPU kernel under the TPU interpreter.
 
 Outputs are NaN-poisoned by the interpreter, so finite matching results prove every element was
 written. Tolerances: float32 atol 2e-4 (sums of up to T decayed products of O(1) terms);
 bfloat16 inputs atol 5e-2 against the definition evaluated on the same bfloat16 inputs.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import (KernelArgumentError, chunked_linear_attention, chunked_linear_attention_reference,
                             linear_attention_quadratic)
@@ -78,3 +82,29 @@ def test_same_function_as_the_model_layer():
 
     q, k, v, g = inputs(9, 2, 21, 2, 8)
     np.testing.assert_allclose(kernel(q, k, v, g, 8), layer_chunked(q, k, v, g, chunk_size=8), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("b,t,h,d,e,chunk", [(2, 37, 2, 16, 32, 8), (1, 64, 3, 128, 64, 64), (1, 5, 1, 8, 8, 16)])
+def test_tpu_kernel_matches_definition(b, t, h, d, e, chunk):
+    """The TPU kernel (chunked_linear_attention_tpu) under the TPU interpreter; Dv != D allowed."""
+    q, k, _, g = inputs(b * 20 + t, b, t, h, d)
+    v = jnp.asarray(np.random.default_rng(t).standard_normal((b, t, h, e), np.float32))
+    got = chunked_linear_attention(q, k, v, g, chunk, interpret=pltpu.InterpretParams())
+    assert got.shape == (b, t, h, e) and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, definition(q, k, v, g), atol=2e-4, rtol=0)
+
+
+def test_tpu_kernel_bfloat16_and_gradient():
+    q, k, v, g = inputs(16, 1, 40, 2, 16, jnp.bfloat16)
+    tpu = functools.partial(chunked_linear_attention, chunk_size=16, interpret=pltpu.InterpretParams())
+    got = tpu(q, k, v, g)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), definition(q, k, v, g).astype(jnp.float32),
+                               atol=5e-2, rtol=0)
+    q, k, v, g = inputs(17, 1, 19, 2, 8)
+    grads = jax.grad(lambda *a: jnp.sum(tpu(*a) ** 2), argnums=(0, 3))(q, k, v, g)
+    want = jax.grad(lambda *a: jnp.sum(linear_attention_quadratic(*a) ** 2), argnums=(0, 3))(q, k, v, g)
+    for got_grad, want_grad in zip(grads, want):
+        np.testing.assert_allclose(got_grad, want_grad, atol=5e-4, rtol=0)
+    with pytest.raises(KernelArgumentError, match="chunk_size must be a multiple of 8 on TPU, got 12"):
+        chunked_linear_attention(q, k, v, g, 12, interpret=pltpu.InterpretParams())

@@ -1,13 +1,16 @@
-"""Every kernel lowers for GPU through Pallas's Triton lowering, checked on CPU by exporting for
-the "cuda" platform: the result holds a Triton custom call (Triton IR), one per pallas_call.
-This does not compile the Triton IR to PTX nor run it: that needs a GPU."""
+"""Every kernel lowers for GPU through Pallas's Triton lowering and for TPU through Mosaic, checked
+on CPU by exporting for the "cuda" and "tpu" platforms: the result holds one Triton (Triton IR) or
+Mosaic (tpu_custom_call) custom call per pallas_call. Exporting runs Pallas's own lowering, with its
+block-shape and primitive checks; it does not compile the kernels (Triton IR to PTX, Mosaic to TPU
+code) nor run them: that needs the device."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
 
-from pallas_kernels import chunked_linear_attention, decode_attention, flash_attention, grouped_matmul
+from pallas_kernels import (KernelArgumentError, chunked_linear_attention, decode_attention, flash_attention,
+                            grouped_matmul)
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 S, BF16, F32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
@@ -35,16 +38,41 @@ def test_lowers_to_triton_for_cuda(name):
     assert exported.mlir_module().count(f"@{TRITON_CALL}(") == num_calls
 
 
-def test_kernels_without_a_tpu_version_say_so_on_tpu(monkeypatch):
-    """No silent fallback: on TPU the kernels without TPU blocks raise, and "auto" picks XLA there."""
-    from jaxaccel.config import resolve_attention_impl
+# flash attention goes to splash attention and the grouped matmul to megablox on TPU (JAX's kernels)
+TPU_CASES = {name: case for name, case in CASES.items()}
+TPU_CASES["flash_attention"] = (1, lambda q, k, v: flash_attention(q, k, v, interpret=False), QKV)
+TPU_CASES["flash_attention_backward"] = (3, lambda q, k, v: jax.grad(
+    lambda *a: flash_attention(*a, interpret=False).astype(F32).sum(), argnums=(0, 1, 2))(q, k, v), QKV)
+TPU_CASES["grouped_matmul"] = (1, lambda a, b, g: grouped_matmul(a, b, g, interpret=False), CASES["grouped_matmul"][2])
+TPU_CASES["decode_attention"] = (1, lambda q, k, v, m: decode_attention(q, k, v, m, block_t=256, interpret=False),
+                                 CASES["decode_attention"][2])
 
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert resolve_attention_impl("auto") == "xla"
-    q = jnp.zeros((1, 1, 2, 16))
-    kv = jnp.zeros((1, 8, 1, 16))
-    with pytest.raises(NotImplementedError, match="decode_attention has no TPU version"):
-        decode_attention(q, kv, kv, jnp.ones((1, 1, 8), bool), interpret=False)
-    x = jnp.zeros((1, 8, 1, 16))
-    with pytest.raises(NotImplementedError, match="chunked_linear_attention has no TPU version"):
-        chunked_linear_attention(x, x, x, jnp.zeros((1, 8, 1)), 8, interpret=False)
+
+@pytest.mark.parametrize("name", sorted(TPU_CASES))
+def test_lowers_to_mosaic_for_tpu(name, as_if_on_tpu):
+    num_calls, fn, args = TPU_CASES[name]
+    exported = export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    assert exported.mlir_module().count("stablehlo.custom_call @tpu_custom_call(") == num_calls
+
+
+def test_auto_is_pallas_on_gpu_and_tpu_unless_the_cache_cannot_be_tiled(as_if_on_tpu):
+    """No silent fallback: "auto" is decided by backend and shape, an explicit "pallas" raises."""
+    from jaxaccel.config import resolve_attention_impl
+    from jaxaccel.layers.attention import dot_product_attention
+
+    assert resolve_attention_impl("auto") == "pallas"
+    assert resolve_attention_impl("auto", head_dim=128, num_kv_heads=8) == "pallas"
+    assert resolve_attention_impl("auto", head_dim=64, num_kv_heads=1) == "pallas"
+    assert resolve_attention_impl("auto", head_dim=64, num_kv_heads=2) == "xla"
+    assert resolve_attention_impl("xla", head_dim=128, num_kv_heads=8) == "xla"
+    q, kv, visible = jnp.zeros((1, 1, 4, 64)), jnp.zeros((1, 8, 2, 64)), jnp.ones((1, 1, 8), bool)
+    jaxpr = str(jax.make_jaxpr(lambda q: dot_product_attention(q, kv, kv, visible, impl="auto"))(q))
+    assert "pallas_call" not in jaxpr
+    with pytest.raises(KernelArgumentError, match="got head_dim 64 with 2 kv heads; use attention_impl='xla'"):
+        dot_product_attention(q, kv, kv, visible, impl="pallas")
+
+
+def test_gpu_tiles_that_tpu_cannot_take_are_named(as_if_on_tpu):
+    lhs, rhs = jnp.zeros((256, 256), BF16), jnp.zeros((4, 256, 256), BF16)
+    with pytest.raises(KernelArgumentError, match="block_k must be a multiple of 128 on TPU .*got 64"):
+        grouped_matmul(lhs, rhs, jnp.full((4,), 64, jnp.int32), block_m=64, block_k=64, block_n=64, interpret=False)

@@ -31,7 +31,7 @@ def dot_product_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Arra
     impl: "xla" (the einsums below), "pallas" (`pallas_kernels.decode_attention`, the same
     function; Pallas interpreter on CPU) or "auto" (see `config.resolve_attention_impl`).
     """
-    if resolve_attention_impl(impl) == "pallas":
+    if resolve_attention_impl(impl, head_dim=q_bnhd.shape[-1], num_kv_heads=k_bthd.shape[2]) == "pallas":
         return decode_attention(q_bnhd, k_bthd, v_bthd, visible_bnt)
     b, n, hq, d = q_bnhd.shape
     hkv = k_bthd.shape[2]
