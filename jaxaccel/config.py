@@ -11,14 +11,16 @@ ROPE_KINDS = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
-def resolve_attention_impl(impl: str, *, head_dim: int | None = None, num_kv_heads: int | None = None) -> str:
+def resolve_attention_impl(impl: str, *, kernel: str | None = None, head_dim: int | None = None,
+                           num_kv_heads: int = 1) -> str:
     """"auto" -> "pallas" on GPU and TPU, "xla" on CPU (decided at trace time); others as given.
 
-    One rule by shape on TPU: the decode kernel reads kv head h as a 128-lane block of the
-    [B, T, Hkv * D] cache, so attention over a cache (callers pass head_dim and num_kv_heads)
-    whose head_dim is not a multiple of 128, with more than one kv head, resolves "auto" to
-    "xla" there; an explicit "pallas" raises a KernelArgumentError naming the head size instead.
-    "pallas" on CPU runs the kernels in the Pallas interpreter (slow; for tests), never silently XLA.
+    One rule by shape: callers that name the kernel and the head size get "xla" under "auto" where
+    that kernel's compiled version cannot tile heads of this size
+    (`pallas_kernels._common.head_dim_problem`: a power-of-two head_dim on GPU; on TPU, for the
+    decode kernel, a multiple of 128 unless there is one kv head); an explicit "pallas" there
+    raises a KernelArgumentError naming the head size. "pallas" on CPU runs the kernels in the
+    Pallas interpreter (slow; for tests), never silently XLA.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
@@ -27,11 +29,14 @@ def resolve_attention_impl(impl: str, *, head_dim: int | None = None, num_kv_hea
     import jax  # here, so that reading a config never initialises a backend
 
     backend = jax.default_backend()
-    if backend == "tpu" and head_dim is not None:
-        from pallas_kernels.decode_attention_tpu import fits_tpu_layout
+    if backend not in ("gpu", "tpu"):
+        return "xla"
+    if kernel is not None and head_dim is not None:
+        from pallas_kernels._common import head_dim_problem
 
-        return "pallas" if fits_tpu_layout(head_dim, num_kv_heads) else "xla"
-    return "pallas" if backend in ("gpu", "tpu") else "xla"
+        if head_dim_problem(kernel, head_dim, num_kv_heads, tpu=backend == "tpu"):
+            return "xla"
+    return "pallas"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (MASKED, KernelArgumentError, cdiv, check_positive,
-                                     check_rank, compiler_params, default_interpret, tpu_route)
+                                     check_head_dim, check_rank, compiler_params, compiles_for_gpu,
+                                     default_interpret, tpu_route)
 from pallas_kernels.decode_attention_tpu import decode_attention_tpu
 
 
@@ -230,4 +231,6 @@ def decode_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, vi
     if kv_end_b is None:
         kv_end_b = _visible_end(visible_bnt)
     interpret = default_interpret() if interpret is None else interpret
+    if compiles_for_gpu(interpret):
+        check_head_dim("decode_attention", q_bnhd.shape[-1], k_bthd.shape[2], tpu=False)
     return _decode_attention_vjp(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b, block_t, num_splits, interpret)

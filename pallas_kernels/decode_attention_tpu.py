@@ -27,21 +27,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import MASKED, KernelArgumentError, cdiv
+from pallas_kernels._common import LANES, MASKED, KernelArgumentError, cdiv, check_head_dim
 
-LANES, SUBLANES = 128, 8
-
-
-def fits_tpu_layout(head_dim: int, num_kv_heads: int) -> bool:
-    """Whether kv head h is a whole 128-lane block of the [B, T, Hkv * D] cache view."""
-    return head_dim % LANES == 0 or num_kv_heads == 1
-
-
-def check_tpu_layout(head_dim: int, num_kv_heads: int) -> None:
-    """A KernelArgumentError naming the head size unless `fits_tpu_layout`."""
-    if not fits_tpu_layout(head_dim, num_kv_heads):
-        raise KernelArgumentError(f"decode_attention on TPU needs head_dim a multiple of {LANES} (or one kv head), "
-                                  f"got head_dim {head_dim} with {num_kv_heads} kv heads; use attention_impl='xla'")
+SUBLANES = 8
 
 
 def _decode_kernel(end_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, m_sc, l_sc, acc_sc, *,
@@ -90,7 +78,7 @@ def decode_attention_tpu(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b, *, block
     multiple of 128. `interpret`: False on a TPU, or `pltpu.InterpretParams()` to simulate one."""
     b, n, hq, d = q_bnhd.shape
     t, hkv = k_bthd.shape[1], k_bthd.shape[2]
-    check_tpu_layout(d, hkv)
+    check_head_dim("decode_attention", d, hkv, tpu=True)
     if block_t % LANES:
         raise KernelArgumentError(f"block_t must be a multiple of {LANES} on TPU, got {block_t}")
     g = hq // hkv

@@ -55,21 +55,44 @@ def test_lowers_to_mosaic_for_tpu(name, as_if_on_tpu):
     assert exported.mlir_module().count("stablehlo.custom_call @tpu_custom_call(") == num_calls
 
 
-def test_auto_is_pallas_on_gpu_and_tpu_unless_the_cache_cannot_be_tiled(as_if_on_tpu):
-    """No silent fallback: "auto" is decided by backend and shape, an explicit "pallas" raises."""
+def test_auto_is_pallas_on_tpu_unless_the_kernel_cannot_tile_the_heads(as_if_on_tpu):
+    """No silent fallback: "auto" is decided by backend and head size, an explicit "pallas" raises."""
     from jaxaccel.config import resolve_attention_impl
     from jaxaccel.layers.attention import dot_product_attention
 
     assert resolve_attention_impl("auto") == "pallas"
-    assert resolve_attention_impl("auto", head_dim=128, num_kv_heads=8) == "pallas"
-    assert resolve_attention_impl("auto", head_dim=64, num_kv_heads=1) == "pallas"
-    assert resolve_attention_impl("auto", head_dim=64, num_kv_heads=2) == "xla"
-    assert resolve_attention_impl("xla", head_dim=128, num_kv_heads=8) == "xla"
+    decode = dict(kernel="decode_attention")
+    assert resolve_attention_impl("auto", **decode, head_dim=128, num_kv_heads=8) == "pallas"
+    assert resolve_attention_impl("auto", **decode, head_dim=64, num_kv_heads=1) == "pallas"
+    assert resolve_attention_impl("auto", **decode, head_dim=64, num_kv_heads=2) == "xla"
+    assert resolve_attention_impl("auto", kernel="flash_attention", head_dim=80, num_kv_heads=2) == "pallas"
+    assert resolve_attention_impl("xla", **decode, head_dim=128, num_kv_heads=8) == "xla"
     q, kv, visible = jnp.zeros((1, 1, 4, 64)), jnp.zeros((1, 8, 2, 64)), jnp.ones((1, 1, 8), bool)
     jaxpr = str(jax.make_jaxpr(lambda q: dot_product_attention(q, kv, kv, visible, impl="auto"))(q))
     assert "pallas_call" not in jaxpr
     with pytest.raises(KernelArgumentError, match="got head_dim 64 with 2 kv heads; use attention_impl='xla'"):
         dot_product_attention(q, kv, kv, visible, impl="pallas")
+
+
+def test_auto_is_pallas_on_gpu_unless_triton_cannot_tile_the_heads(monkeypatch):
+    """Triton wants power-of-two tiles: head_dim 80 (or a flash head below 16) stays on XLA under
+    "auto" and is named by an explicit "pallas"; every kernel checks before lowering."""
+    from jaxaccel.config import resolve_attention_impl
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=128, num_kv_heads=8) == "pallas"
+    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=8, num_kv_heads=2) == "pallas"
+    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=80, num_kv_heads=2) == "xla"
+    assert resolve_attention_impl("auto", kernel="flash_attention", head_dim=8, num_kv_heads=2) == "xla"
+    monkeypatch.undo()  # exporting for "cuda" from the CPU backend
+    q, kv = jnp.zeros((1, 16, 4, 80)), jnp.zeros((1, 16, 2, 80))
+    message = r"on GPU \(Triton\) needs a power-of-two head_dim of at least 16, got 80; use attention_impl='xla'"
+    with pytest.raises(KernelArgumentError, match="decode_attention " + message):
+        decode_attention(q, kv, kv, jnp.ones((1, 16, 16), bool), interpret=False)
+    with pytest.raises(KernelArgumentError, match="flash_attention " + message):
+        flash_attention(q, kv, kv, interpret=False)
+    with pytest.raises(KernelArgumentError, match="chunked_linear_attention " + message):
+        chunked_linear_attention(q, q, q, jnp.zeros((1, 16, 4)), 8, interpret=False)
 
 
 def test_gpu_tiles_that_tpu_cannot_take_are_named(as_if_on_tpu):
