@@ -11,16 +11,14 @@ ROPE_KINDS = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
-def resolve_attention_impl(impl: str, *, kernel: str | None = None, head_dim: int | None = None,
-                           num_kv_heads: int = 1) -> str:
+def resolve_attention_impl(impl: str, *, kernel: str | None = None, head_dim: int | None = None) -> str:
     """"auto" -> "pallas" on GPU and TPU, "xla" on CPU (decided at trace time); others as given.
 
     One rule by shape: callers that name the kernel and the head size get "xla" under "auto" where
-    that kernel's compiled version cannot tile heads of this size
-    (`pallas_kernels._common.head_dim_problem`: a power-of-two head_dim on GPU; on TPU, for the
-    decode kernel, a multiple of 128 unless there is one kv head); an explicit "pallas" there
-    raises a KernelArgumentError naming the head size. "pallas" on CPU runs the kernels in the
-    Pallas interpreter (slow; for tests), never silently XLA.
+    that kernel's compiled version cannot tile heads of this size (`pallas_kernels._common.
+    head_dim_problem`: Triton wants a power-of-two head_dim on GPU; TPU takes any); an explicit
+    "pallas" there raises a KernelArgumentError naming the head size. "pallas" on CPU runs the
+    kernels in the Pallas interpreter (slow; for tests), never silently XLA.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
@@ -34,7 +32,7 @@ def resolve_attention_impl(impl: str, *, kernel: str | None = None, head_dim: in
     if kernel is not None and head_dim is not None:
         from pallas_kernels._common import head_dim_problem
 
-        if head_dim_problem(kernel, head_dim, num_kv_heads, tpu=backend == "tpu"):
+        if head_dim_problem(kernel, head_dim, tpu=backend == "tpu"):
             return "xla"
     return "pallas"
 

@@ -60,33 +60,27 @@ def tpu_route(interpret) -> bool:
     return interpret is not True and jax.default_backend() == "tpu"
 
 
-def head_dim_problem(kernel: str, head_dim: int, num_kv_heads: int = 1, *, tpu: bool) -> str | None:
+def head_dim_problem(kernel: str, head_dim: int, *, tpu: bool) -> str | None:
     """Why the compiled `kernel` cannot take heads of this size on a GPU / TPU (None: it can).
 
     GPU (Triton): loads and dots want power-of-two tiles of at least 16 (decode_attention pads
-    smaller heads to 16 itself). TPU: decode_attention reads kv head h as the 128-lane block h of
-    the [B, T, Hkv * D] cache; the other kernels' blocks hold whole heads. The interpreters take
-    any size. `jaxaccel.config.resolve_attention_impl` reads this for "auto".
+    smaller heads to 16 itself). TPU: every kernel takes any head size. The interpreters take any
+    size. `jaxaccel.config.resolve_attention_impl` reads this for "auto".
     """
-    if tpu:
-        if kernel == "decode_attention" and head_dim % LANES and num_kv_heads != 1:
-            return (f"decode_attention on TPU needs head_dim a multiple of {LANES} (or one kv head), "
-                    f"got head_dim {head_dim} with {num_kv_heads} kv heads")
-        return None
-    if kernel == "decode_attention" and head_dim < 16:
+    if tpu or (kernel == "decode_attention" and head_dim < 16):
         return None
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"{kernel} on GPU (Triton) needs a power-of-two head_dim of at least 16, got {head_dim}"
     return None
 
 
-def check_head_dim(kernel: str, head_dim: int, num_kv_heads: int, *, tpu: bool) -> None:
-    """A KernelArgumentError naming the head size unless the compiled kernel can take it."""
-    problem = head_dim_problem(kernel, head_dim, num_kv_heads, tpu=tpu)
-    if problem:
-        raise KernelArgumentError(f"{problem}; use attention_impl='xla'")
-
-
 def compiles_for_gpu(interpret) -> bool:
     """Whether a kernel call is about to lower its GPU (Triton) version, not interpret it."""
     return interpret is False and jax.default_backend() != "tpu"
+
+
+def check_head_dim(kernel: str, head_dim: int, interpret) -> None:
+    """A KernelArgumentError naming the head size when the GPU kernel about to lower cannot take it."""
+    problem = head_dim_problem(kernel, head_dim, tpu=False) if compiles_for_gpu(interpret) else None
+    if problem:
+        raise KernelArgumentError(f"{problem}; use attention_impl='xla'")

@@ -22,10 +22,10 @@ A query that sees no key at all (only padding rows) gets an unspecified finite v
 Hardware: GPU through Pallas's Triton lowering (compiler params from `_common.compiler_params`;
 jax 0.10's default Mosaic GPU lowering wants warpgroup-style kernels). The lowering to Triton IR
 is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); it has not been
-compiled to PTX nor run on a GPU. TPU: `decode_attention` hands over to `decode_attention_tpu`
-(pallas_kernels/decode_attention_tpu.py: Mosaic blocks, scalar-prefetched lengths, head_dim a
-multiple of 128), tested under the TPU interpreter and exported for "tpu" on CPU, not run on a
-TPU. Correctness was checked in interpret mode on CPU only.
+compiled to PTX nor run on a GPU. Triton wants a power-of-two head_dim (smaller than 16 is padded).
+TPU: `decode_attention` hands over to `decode_attention_tpu` (pallas_kernels/decode_attention_tpu.py:
+128-lane blocks of whole kv heads, scalar-prefetched lengths), tested under the TPU interpreter and
+exported for "tpu" on CPU, not run on a TPU. Correctness was checked in interpret mode on CPU only.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (MASKED, KernelArgumentError, cdiv, check_positive,
-                                     check_head_dim, check_rank, compiler_params, compiles_for_gpu,
-                                     default_interpret, tpu_route)
+                                     check_head_dim, check_rank, compiler_params, default_interpret,
+                                     tpu_route)
 from pallas_kernels.decode_attention_tpu import decode_attention_tpu
 
 
@@ -222,7 +222,7 @@ def decode_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, vi
     (the model passes lengths + n) so those blocks are skipped; by default it is read off the mask.
     T is split into at most `num_splits` splits of whole `block_t` blocks (GPU). On TPU (or with
     interpret=pltpu.InterpretParams()) the TPU kernel runs instead: no splits, block_t a multiple
-    of 128, head_dim a multiple of 128 unless Hkv = 1. `interpret` defaults to True on CPU.
+    of 128. `interpret` defaults to True on CPU.
     Differentiable: the backward pass is the reference's (XLA), not a kernel.
     """
     _check_args(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b)
@@ -231,6 +231,5 @@ def decode_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, vi
     if kv_end_b is None:
         kv_end_b = _visible_end(visible_bnt)
     interpret = default_interpret() if interpret is None else interpret
-    if compiles_for_gpu(interpret):
-        check_head_dim("decode_attention", q_bnhd.shape[-1], k_bthd.shape[2], tpu=False)
+    check_head_dim("decode_attention", q_bnhd.shape[-1], interpret)
     return _decode_attention_vjp(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b, block_t, num_splits, interpret)

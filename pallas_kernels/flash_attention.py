@@ -38,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (MASKED, KernelArgumentError, cdiv, check_positive,
-                                     check_head_dim, check_rank, compiler_params, compiles_for_gpu,
-                                     default_interpret, tpu_route)
+                                     check_head_dim, check_rank, compiler_params, default_interpret,
+                                     tpu_route)
 
 
 def causal_block_mask(num_heads: int, seq_len: int, block_q: int, block_k: int) -> np.ndarray:
@@ -327,8 +327,7 @@ def flash_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, *, 
     bm = jnp.asarray(block_mask_hqk).astype(jnp.int32)
     bm = jnp.pad(bm, ((0, 0), (0, t_pad // block_q - bm.shape[1]), (0, t_pad // block_k - bm.shape[2])))
     interpret = default_interpret() if interpret is None else interpret
-    if compiles_for_gpu(interpret):
-        check_head_dim("flash_attention", d, k_bthd.shape[2], tpu=False)
+    check_head_dim("flash_attention", d, interpret)
     out = _flash(jnp.pad(q_bthd, pad), jnp.pad(k_bthd, pad), jnp.pad(v_bthd, pad), bm, causal, block_q, block_k,
                  t, interpret)
     return out[:, :t]

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (KernelArgumentError, cdiv, check_head_dim, check_positive, check_rank,
-                                     compiler_params, compiles_for_gpu, default_interpret, tpu_route)
+                                     compiler_params, default_interpret, tpu_route)
 
 
 def linear_attention_quadratic(q_bthd, k_bthd, v_bthd, log_decay_bth) -> jax.Array:
@@ -173,6 +173,5 @@ def chunked_linear_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
     if log_decay_bth.shape != q_bthd.shape[:3]:
         raise KernelArgumentError(f"log_decay_bth must be [B, T, H] = {q_bthd.shape[:3]}, got {log_decay_bth.shape}")
     interpret = default_interpret() if interpret is None else interpret
-    if compiles_for_gpu(interpret):
-        check_head_dim("chunked_linear_attention", q_bthd.shape[-1], q_bthd.shape[2], tpu=False)
+    check_head_dim("chunked_linear_attention", q_bthd.shape[-1], interpret)
     return _linear(q_bthd, k_bthd, v_bthd, log_decay_bth, chunk_size, interpret)

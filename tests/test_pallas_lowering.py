@@ -55,35 +55,32 @@ def test_lowers_to_mosaic_for_tpu(name, as_if_on_tpu):
     assert exported.mlir_module().count("stablehlo.custom_call @tpu_custom_call(") == num_calls
 
 
-def test_auto_is_pallas_on_tpu_unless_the_kernel_cannot_tile_the_heads(as_if_on_tpu):
-    """No silent fallback: "auto" is decided by backend and head size, an explicit "pallas" raises."""
+def test_auto_is_pallas_on_tpu_for_every_head_size(as_if_on_tpu):
     from jaxaccel.config import resolve_attention_impl
     from jaxaccel.layers.attention import dot_product_attention
 
     assert resolve_attention_impl("auto") == "pallas"
-    decode = dict(kernel="decode_attention")
-    assert resolve_attention_impl("auto", **decode, head_dim=128, num_kv_heads=8) == "pallas"
-    assert resolve_attention_impl("auto", **decode, head_dim=64, num_kv_heads=1) == "pallas"
-    assert resolve_attention_impl("auto", **decode, head_dim=64, num_kv_heads=2) == "xla"
-    assert resolve_attention_impl("auto", kernel="flash_attention", head_dim=80, num_kv_heads=2) == "pallas"
-    assert resolve_attention_impl("xla", **decode, head_dim=128, num_kv_heads=8) == "xla"
+    for kernel in ("decode_attention", "flash_attention", "chunked_linear_attention"):
+        for head_dim in (8, 64, 80, 128):
+            assert resolve_attention_impl("auto", kernel=kernel, head_dim=head_dim) == "pallas"
+    assert resolve_attention_impl("xla", kernel="decode_attention", head_dim=128) == "xla"
     q, kv, visible = jnp.zeros((1, 1, 4, 64)), jnp.zeros((1, 8, 2, 64)), jnp.ones((1, 1, 8), bool)
     jaxpr = str(jax.make_jaxpr(lambda q: dot_product_attention(q, kv, kv, visible, impl="auto"))(q))
-    assert "pallas_call" not in jaxpr
-    with pytest.raises(KernelArgumentError, match="got head_dim 64 with 2 kv heads; use attention_impl='xla'"):
-        dot_product_attention(q, kv, kv, visible, impl="pallas")
+    assert "decode_attention_tpu" in jaxpr
 
 
 def test_auto_is_pallas_on_gpu_unless_triton_cannot_tile_the_heads(monkeypatch):
-    """Triton wants power-of-two tiles: head_dim 80 (or a flash head below 16) stays on XLA under
-    "auto" and is named by an explicit "pallas"; every kernel checks before lowering."""
+    """No silent fallback: Triton wants power-of-two tiles, so head_dim 80 (or a flash head below 16)
+    stays on XLA under "auto" and is named by an explicit "pallas"; every kernel checks before lowering."""
     from jaxaccel.config import resolve_attention_impl
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=128, num_kv_heads=8) == "pallas"
-    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=8, num_kv_heads=2) == "pallas"
-    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=80, num_kv_heads=2) == "xla"
-    assert resolve_attention_impl("auto", kernel="flash_attention", head_dim=8, num_kv_heads=2) == "xla"
+    assert resolve_attention_impl("auto") == "pallas"
+    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=128) == "pallas"
+    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=8) == "pallas"
+    assert resolve_attention_impl("auto", kernel="decode_attention", head_dim=80) == "xla"
+    assert resolve_attention_impl("auto", kernel="flash_attention", head_dim=8) == "xla"
+    assert resolve_attention_impl("pallas", kernel="flash_attention", head_dim=8) == "pallas"
     monkeypatch.undo()  # exporting for "cuda" from the CPU backend
     q, kv = jnp.zeros((1, 16, 4, 80)), jnp.zeros((1, 16, 2, 80))
     message = r"on GPU \(Triton\) needs a power-of-two head_dim of at least 16, got 80; use attention_impl='xla'"

@@ -19,14 +19,14 @@ CONFIG = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_la
                      num_kv_heads=2, max_position_embeddings=64)
 
 
-def speculative_tokens(impl, config=CONFIG):
-    graphdef, state = nnx.split(Transformer(config.replace(attention_impl=impl), rngs=nnx.Rngs(0)))
+def speculative_tokens(impl):
+    graphdef, state = nnx.split(Transformer(CONFIG.replace(attention_impl=impl), rngs=nnx.Rngs(0)))
     # weights scaled up so that greedy outputs vary (as in test_speculative.py)
     base = nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, state))
     heads = make_heads(HeadsConfig(kind="medusa"), base.config, rngs=nnx.Rngs(1))
     heads.init_from_base(base)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 11, 3)]
+    prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 11, 3)]
     return SpeculativeDecoder(base, heads).generate(prompts, max_new_tokens=12, stop_tokens=[7])
 
 
@@ -62,17 +62,16 @@ def test_attention_impl_flag():
 
 def test_tpu_route_speculative_loop_gives_the_xla_tokens(monkeypatch, as_if_on_tpu):
     """As on a TPU under "auto": prefill and tree verification over the cache in decode_attention_tpu
-    (one kv head, so any head size tiles), simulated by the TPU interpreter."""
+    (both kv heads of head size 8 in one block of the row), simulated by the TPU interpreter."""
     from jax.experimental.pallas import tpu as pltpu
 
-    one_kv_head = CONFIG.replace(num_kv_heads=1)
-    xla = speculative_tokens("xla", one_kv_head)  # the reference needs no TPU: "xla" is XLA anywhere
+    xla = speculative_tokens("xla")  # the reference needs no TPU: "xla" is XLA anywhere
     decode_module = importlib.import_module("pallas_kernels.decode_attention")  # the name is also a function
 
     calls = []
     kernel = decode_module.decode_attention_tpu
     monkeypatch.setattr(decode_module, "decode_attention_tpu", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     with pltpu.force_tpu_interpret_mode():
-        tpu = speculative_tokens("auto", one_kv_head)
+        tpu = speculative_tokens("auto")
     assert calls, "the TPU route never called decode_attention_tpu"
     assert tpu.sequences() == xla.sequences()

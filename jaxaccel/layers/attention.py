@@ -31,8 +31,7 @@ def dot_product_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Arra
     impl: "xla" (the einsums below), "pallas" (`pallas_kernels.decode_attention`, the same
     function; Pallas interpreter on CPU) or "auto" (see `config.resolve_attention_impl`).
     """
-    kernel_fits = dict(kernel="decode_attention", head_dim=q_bnhd.shape[-1], num_kv_heads=k_bthd.shape[2])
-    if resolve_attention_impl(impl, **kernel_fits) == "pallas":
+    if resolve_attention_impl(impl, kernel="decode_attention", head_dim=q_bnhd.shape[-1]) == "pallas":
         return decode_attention(q_bnhd, k_bthd, v_bthd, visible_bnt)
     b, n, hq, d = q_bnhd.shape
     hkv = k_bthd.shape[2]
@@ -104,8 +103,8 @@ class Attention(nnx.Module):
         if kv is not None:
             kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
             k, v = kv
-        flash_fits = dict(kernel="flash_attention", head_dim=self.head_dim, num_kv_heads=self.num_kv_heads)
-        if causal and kv is None and resolve_attention_impl(self.config.attention_impl, **flash_fits) == "pallas":
+        flash = resolve_attention_impl(self.config.attention_impl, kernel="flash_attention", head_dim=self.head_dim)
+        if causal and kv is None and flash == "pallas":
             out = flash_attention(q, k, v, causal=True)
         else:
             out = dot_product_attention(q, k, v, visible_bnt, impl=self.config.attention_impl)

@@ -113,8 +113,9 @@ class LinearAttention(Attention):
         g = self.log_decay(x_bnd)
         state = None if entry is None else entry.state
         if ctx.causal and n > 1:
-            fits = dict(kernel="chunked_linear_attention", head_dim=self.head_dim)
-            if resolve_attention_impl(self.config.attention_impl, **fits) == "pallas":
+            impl = resolve_attention_impl(self.config.attention_impl, kernel="chunked_linear_attention",
+                                          head_dim=self.head_dim)
+            if impl == "pallas":
                 from pallas_kernels import chunked_linear_attention as kernel  # the same definition
                 out = kernel(q, k, v, g, self.chunk_size)
             else:
