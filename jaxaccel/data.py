@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from jaxaccel.files import write_atomically, write_json_atomically
+
 EOS_TOKEN = "<|endoftext|>"
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)  # train, validation, test
@@ -309,13 +311,14 @@ def token_stream(
 
     tokens = tokenize_documents(tokenizer, texts)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so a run killed mid-write never leaves a cache that looks valid.
-    tmp = npy_path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, tokens)
-    os.replace(tmp, npy_path)
-    tmp = json_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**meta, "num_tokens": int(tokens.size)}, indent=1))
-    os.replace(tmp, json_path)
+    # Atomic writes, so a run killed mid-write never leaves a cache that looks valid, and hosts
+    # sharing cache_dir never write into each other's temporary files.
+    def save_npy(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file, not a name: np.save would append ".npy" to the name
+            np.save(f, tokens)
+
+    write_atomically(npy_path, save_npy)
+    write_json_atomically(json_path, {**meta, "num_tokens": int(tokens.size)})
     return tokens
 
 

@@ -2,13 +2,17 @@
 
 Every file the project writes for others to read (model and heads directories, eval.json,
 checkpoint metadata) goes through here: written to a temporary name in the same directory,
-flushed, then renamed over the target. A killed writer leaves at most a hidden `.NAME.tmp`.
+flushed, then renamed over the target. The temporary name carries the host and process, so
+writers of one file on several hosts (a shared file system) or processes never write into each
+other's temporary file: the last rename wins, whole. A killed writer leaves at most a hidden
+`.NAME.HOST.PID.tmp`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +20,7 @@ from typing import Any, Callable
 def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` writes the content; it then replaces `target` in one rename."""
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         write(str(tmp))
         with open(tmp, "rb") as f:

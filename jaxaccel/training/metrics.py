@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jax
 
+from jaxaccel.files import write_atomically
+
 
 class MetricsLogger:
     """`log(step, {name: value})` -> one line {"step": step, **metrics} and one scalar per name."""
@@ -74,6 +76,4 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     kept = [r for r in read_metrics(path)
             if r.get("step", 0) < step or (r.get("step") == step and not any(k.startswith("test_") for k in r))]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
