@@ -14,10 +14,10 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas")
 def resolve_attention_impl(impl: str, *, kernel: str | None = None, head_dim: int | None = None) -> str:
     """"auto" -> "pallas" on GPU and TPU, "xla" on CPU (decided at trace time); others as given.
 
-    One rule by shape: callers that name the kernel and the head size get "xla" under "auto" where
-    that kernel's compiled version cannot tile heads of this size (`pallas_kernels._common.
-    head_dim_problem`: Triton wants a power-of-two head_dim on GPU; TPU takes any); an explicit
-    "pallas" there raises a KernelArgumentError naming the head size. "pallas" on CPU runs the
+    One rule by shape: on GPU, callers that name the kernel and the head size get "xla" under
+    "auto" where Triton cannot tile heads of this size (`pallas_kernels._common.
+    triton_head_dim_problem`: a power-of-two head_dim); an explicit "pallas" there raises a
+    KernelArgumentError naming the head size. The TPU kernels take any head size. "pallas" on CPU runs the
     kernels in the Pallas interpreter (slow; for tests), never silently XLA.
     """
     if impl not in ATTENTION_IMPLS:
@@ -29,10 +29,10 @@ def resolve_attention_impl(impl: str, *, kernel: str | None = None, head_dim: in
     backend = jax.default_backend()
     if backend not in ("gpu", "tpu"):
         return "xla"
-    if kernel is not None and head_dim is not None:
-        from pallas_kernels._common import head_dim_problem
+    if backend == "gpu" and kernel is not None and head_dim is not None:
+        from pallas_kernels._common import triton_head_dim_problem
 
-        if head_dim_problem(kernel, head_dim, tpu=backend == "tpu"):
+        if triton_head_dim_problem(kernel, head_dim):
             return "xla"
     return "pallas"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 MASKED = -1e30  # the same finite "minus infinity" as jaxaccel.layers.attention
-LANES = 128  # TPU vector lanes: the minor tile of every Mosaic block
+LANES, SUBLANES = 128, 8  # TPU vector tiles: the minor two dimensions of every Mosaic block
 
 
 class KernelArgumentError(ValueError):
@@ -38,11 +38,11 @@ def compiler_params(interpret: bool):
     """Lowering choice for a GPU-version pallas_call: the Triton lowering unless interpreting.
 
     jax 0.10 lowers a pallas_call without compiler params through Mosaic GPU, which needs the
-    kernels in its own (warpgroup) style; these kernels are written for Triton's. On TPU the
-    Mosaic TPU lowering is picked by passing none. On CPU (interpret=False only makes sense when
-    exporting for GPU, as tests/test_pallas_lowering.py does) Triton is the target too.
+    kernels in its own (warpgroup) style; these kernels are written for Triton's. On CPU
+    (interpret=False only makes sense when exporting for GPU, as tests/test_pallas_lowering.py
+    does) Triton is the target too. On TPU the kernels take their TPU versions (`tpu_route`).
     """
-    if interpret or jax.default_backend() == "tpu":
+    if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
@@ -60,27 +60,24 @@ def tpu_route(interpret) -> bool:
     return interpret is not True and jax.default_backend() == "tpu"
 
 
-def head_dim_problem(kernel: str, head_dim: int, *, tpu: bool) -> str | None:
-    """Why the compiled `kernel` cannot take heads of this size on a GPU / TPU (None: it can).
+def triton_head_dim_problem(kernel: str, head_dim: int) -> str | None:
+    """Why the GPU (Triton) `kernel` cannot take heads of this size (None: it can).
 
-    GPU (Triton): loads and dots want power-of-two tiles of at least 16 (decode_attention pads
-    smaller heads to 16 itself). TPU: every kernel takes any head size. The interpreters take any
-    size. `jaxaccel.config.resolve_attention_impl` reads this for "auto".
+    Triton loads and dots want power-of-two tiles of at least 16 (decode_attention pads smaller
+    heads to 16 itself). The TPU kernels and the interpreters take any head size.
+    `jaxaccel.config.resolve_attention_impl` reads this for "auto" on GPU.
     """
-    if tpu or (kernel == "decode_attention" and head_dim < 16):
+    if kernel == "decode_attention" and head_dim < 16:
         return None
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"{kernel} on GPU (Triton) needs a power-of-two head_dim of at least 16, got {head_dim}"
     return None
 
 
-def compiles_for_gpu(interpret) -> bool:
-    """Whether a kernel call is about to lower its GPU (Triton) version, not interpret it."""
-    return interpret is False and jax.default_backend() != "tpu"
-
-
 def check_head_dim(kernel: str, head_dim: int, interpret) -> None:
-    """A KernelArgumentError naming the head size when the GPU kernel about to lower cannot take it."""
-    problem = head_dim_problem(kernel, head_dim, tpu=False) if compiles_for_gpu(interpret) else None
+    """A KernelArgumentError naming the head size when the GPU kernel about to lower (not
+    interpret: interpret is False off TPU) cannot take it."""
+    compiles_for_gpu = interpret is False and jax.default_backend() != "tpu"
+    problem = triton_head_dim_problem(kernel, head_dim) if compiles_for_gpu else None
     if problem:
         raise KernelArgumentError(f"{problem}; use attention_impl='xla'")

@@ -34,9 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import LANES, MASKED, KernelArgumentError, cdiv
-
-SUBLANES = 8
+from pallas_kernels._common import LANES, MASKED, SUBLANES, KernelArgumentError, cdiv
 
 
 def heads_per_block(head_dim: int, num_kv_heads: int) -> int:

@@ -322,12 +322,12 @@ def flash_attention(q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array, *, 
     if on_tpu:
         return flash_attention_tpu(q_bthd, k_bthd, v_bthd, causal=causal, block_mask_hqk=block_mask_hqk,
                                    block_q=block_q, block_k=block_k, interpret=interpret or False)
+    interpret = default_interpret() if interpret is None else interpret
+    check_head_dim("flash_attention", d, interpret)
     t_pad = cdiv(t, math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
     pad = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
     bm = jnp.asarray(block_mask_hqk).astype(jnp.int32)
     bm = jnp.pad(bm, ((0, 0), (0, t_pad // block_q - bm.shape[1]), (0, t_pad // block_k - bm.shape[2])))
-    interpret = default_interpret() if interpret is None else interpret
-    check_head_dim("flash_attention", d, interpret)
     out = _flash(jnp.pad(q_bthd, pad), jnp.pad(k_bthd, pad), jnp.pad(v_bthd, pad), bm, causal, block_q, block_k,
                  t, interpret)
     return out[:, :t]

@@ -121,7 +121,7 @@ def grouped_matmul(lhs_mk: jax.Array, rhs_gkn: jax.Array, group_sizes_g: jax.Arr
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped_matmul_vjp(lhs_mk, rhs_gkn, group_sizes_g, tiling, interpret):
     if tpu_route(interpret):
-        return grouped_matmul_tpu(lhs_mk, rhs_gkn, group_sizes_g, tiling=tiling, interpret=interpret or False)
+        return grouped_matmul_tpu(lhs_mk, rhs_gkn, group_sizes_g, tiling=tiling, interpret=interpret)
     block_m, block_k, block_n = tiling
     return _grouped_matmul(lhs_mk, rhs_gkn, group_sizes_g, block_m=block_m, block_k=block_k, block_n=block_n,
                            interpret=interpret)

@@ -21,10 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import KernelArgumentError, cdiv
+from pallas_kernels._common import SUBLANES, KernelArgumentError, cdiv
 from pallas_kernels.linear_attention import chunk_local_cumsum, pad_time
-
-SUBLANES = 8
 
 
 def _linear_kernel(q_ref, k_ref, v_ref, g_col_ref, g_row_ref, o_ref, state_sc, *, chunk: int, scale: float):

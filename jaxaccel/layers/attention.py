@@ -103,8 +103,8 @@ class Attention(nnx.Module):
         if kv is not None:
             kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
             k, v = kv
-        flash = resolve_attention_impl(self.config.attention_impl, kernel="flash_attention", head_dim=self.head_dim)
-        if causal and kv is None and flash == "pallas":
+        if causal and kv is None and resolve_attention_impl(
+                self.config.attention_impl, kernel="flash_attention", head_dim=self.head_dim) == "pallas":
             out = flash_attention(q, k, v, causal=True)
         else:
             out = dot_product_attention(q, k, v, visible_bnt, impl=self.config.attention_impl)
