@@ -34,6 +34,7 @@ import numpy as np
 
 from infer.generate import attention_override
 from jaxaccel.config import ModelConfig
+from jaxaccel.models import model_argument
 
 
 def random_config(megabytes: float) -> ModelConfig:
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", type=Path, help="model directory (config.json, *.safetensors[, tokenizer.json])")
+    which.add_argument("--model", type=model_argument, help="model directory (config.json, *.safetensors[, tokenizer.json]) "
+                       "or model name (python -m infer.models)")
     which.add_argument("--random-params", type=float, metavar="MB", help="random Llama of about MB MB of weights")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=64)

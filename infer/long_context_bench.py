@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxaccel.models import model_argument
+
 MARGIN = 128  # positions past C: the generated tokens and one speculative tree
 
 
@@ -194,7 +196,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infer.long_context_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True, help="the full-attention base model directory")
+    p.add_argument("--model", type=model_argument, required=True, help="the full-attention base model directory "
+                   "or model name")
     p.add_argument("--heads", type=Path, default=None, help="heads directory of --model (speculative rows)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)

@@ -61,16 +61,16 @@ def time_prompts(decoder, prompts, *, policy, max_new_tokens: int, stop, repeats
 
 
 def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, *, tree_specs, temperatures,
-                       max_new_tokens: int, repeats: int, seed: int) -> dict:
+                       max_new_tokens: int, repeats: int, seed: int, stop: list[int] | None = None) -> dict:
     """Rows for ar and for every (heads directory, tree spec) pair; `tree_specs`: --tree values
-    (a list; [None] for each kind's default). Among several tree specs, a dynamic one is skipped
+    (a list; [None] for each kind's default); `stop`: stop ids (default: the model's EOS). Among several tree specs, a dynamic one is skipped
     for heads other than eagle (alone, it is the error it would be in infer.generate)."""
     from jaxaccel.decoding import AutoregressiveDecoder, make_policy
     from jaxaccel.decoding.speculative import SpeculativeDecoder
     from jaxaccel.decoding.text import stop_tokens
     from jaxaccel.heads import load_heads
 
-    stop = stop_tokens(model.config, model_dir)
+    stop = stop_tokens(model.config, model_dir) if stop is None else stop
     decoders = {"ar": AutoregressiveDecoder(model)}
     trees = {}
     for heads_dir in heads_dirs:

@@ -9,12 +9,13 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from infer import demo
 from jaxaccel.pretrained import SHIPPED_DIR
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SMALL = ["--num-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "12"]
+SMALL = ["--model", "small", "--num-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "12"]
 
 
 def test_demo_runs_end_to_end_identical_to_autoregressive_and_fills_the_compilation_cache(tmp_path):
@@ -61,9 +62,37 @@ def test_damaged_shipped_files_stop_the_demo_with_a_message_that_says_what_to_do
 @pytest.mark.parametrize("argv, message", [
     (["--num-prompts", "0"], "--num-prompts must be >= 1"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--heads", "somewhere"], "--heads needs --model"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--model", "no-such-model"], "not a model name"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(capsys, argv, message):
     assert demo.main([*argv, "--no-compilation-cache"]) == demo.EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
+
+
+def test_demo_on_a_chat_model_answers_spec_bench_questions_through_its_template(tmp_path, capsys):
+    from chat_models import build_chat_model
+
+    model_dir = build_chat_model(tmp_path / "chat")
+    argv = ["--model", str(model_dir), "--num-prompts", "3", "--max-new-tokens", "6", "--repeats", "1",
+            "--no-compilation-cache", "--json"]
+    assert demo.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["chat"] and report["heads"] == [] and [r["method"] for r in report["rows"]] == ["ar"]
+    assert len({p["category"] for p in report["prompts"]}) == 3  # spread over Spec-Bench's subtasks
+    assert report["sample"]["question"] and "<|im_start|>" not in report["sample"]["completion"]
+
+
+def test_demo_default_is_smollm2_answering_a_spec_bench_question(tmp_path):
+    from jaxaccel.models import DEFAULT_MODEL, is_ready
+
+    if not is_ready(DEFAULT_MODEL):
+        pytest.skip(f"{DEFAULT_MODEL} is not prepared here (python -m infer.models --prepare {DEFAULT_MODEL})")
+    proc = subprocess.run([sys.executable, "-m", "infer.demo", "--num-prompts", "1", "--max-new-tokens", "16",
+                           "--repeats", "1", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"model: {Path.home()}") or "smollm2-135m-instruct" in proc.stdout
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert report["chat"] and report["rows"][0]["identical_to_ar"] is True
+    assert len(report["sample"]["completion"].split()) >= 3, report["sample"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxaccel.models import model_argument
 from train.common import Progress, guarded_main
 
 
@@ -21,7 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (see the module docstring and `--help`)."""
     p = argparse.ArgumentParser(prog="python -m train.heads", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="base model directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--base", type=model_argument, required=True,
+                   help="base model directory (config.json, *.safetensors, tokenizer.json) or model name")
     p.add_argument("--kind", required=True, help="medusa, hydra or eagle")
     p.add_argument("--out", required=True, help="heads directory (created; rerun to resume)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: all devices on data)")

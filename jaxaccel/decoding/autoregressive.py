@@ -78,9 +78,20 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: LoopState, sto
                               functools.partial(decode_step, model, stop_ids=stop_ids, policy=policy), state)
 
 
+def decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: LoopState, stop_ids: jax.Array,
+                 max_steps: jax.Array, *, policy: Policy) -> LoopState:
+    """`decode_loop` cut short after `max_steps` steps (an array: any count reuses one compilation),
+    so that a caller can read tokens between chunks. Chunks in a row equal one whole loop."""
+    model = nnx.merge(graphdef, params)
+    until = state.step + max_steps
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.result.done_b) & (s.step < until),
+                              functools.partial(decode_step, model, stop_ids=stop_ids, policy=policy), state)
+
+
 prefill_jit = jax.jit(prefill, static_argnums=0, static_argnames=("policy", "max_new_tokens"),
                       donate_argnames=("cache",))
 decode_loop_jit = jax.jit(decode_loop, static_argnums=0, static_argnames=("policy",), donate_argnames=("state",))
+decode_chunk_jit = jax.jit(decode_chunk, static_argnums=0, static_argnames=("policy",), donate_argnames=("state",))
 
 
 @functools.lru_cache(maxsize=64)
@@ -138,6 +149,11 @@ class AutoregressiveDecoder:
     def finish(self, state: LoopState, stop_ids: jax.Array, *, policy: Policy) -> LoopState:
         """Runs the decode loop to the end (the input state is donated)."""
         return decode_loop_jit(self.graphdef, self.params, state, stop_ids, policy=policy)
+
+    def advance(self, state: LoopState, stop_ids: jax.Array, *, policy: Policy, max_steps: int) -> LoopState:
+        """Runs at most `max_steps` decode steps (fewer once every row is done; the input state is
+        donated): `finish` in pieces, for streaming."""
+        return decode_chunk_jit(self.graphdef, self.params, state, stop_ids, jnp.int32(max_steps), policy=policy)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, policy: Policy = Greedy(), max_new_tokens: int,
                  stop_tokens: Sequence[int] = (), seed: int = 0) -> DecodeResult:

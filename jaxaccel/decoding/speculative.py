@@ -75,6 +75,15 @@ def spec_loop(graphdef, params, heads_graphdef, heads_params, state: SpecState, 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.result.done_b), step, state)
 
 
+def spec_chunk(graphdef, params, heads_graphdef, heads_params, state: SpecState, stop_ids, max_steps, *, policy,
+               drafter) -> SpecState:
+    """`spec_loop` cut short after `max_steps` steps (an array: any count reuses one compilation)."""
+    model, heads = nnx.merge(graphdef, params), nnx.merge(heads_graphdef, heads_params)
+    step = functools.partial(spec_step, model, heads, stop_ids=stop_ids, policy=policy, drafter=drafter)
+    until = state.step + max_steps
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.result.done_b) & (s.step < until), step, state)
+
+
 def spec_single_step(graphdef, params, heads_graphdef, heads_params, state: SpecState, stop_ids, *, policy,
                      drafter) -> SpecState:
     """One iteration outside the loop (for timing a tree's step cost)."""
@@ -86,6 +95,8 @@ spec_prefill_jit = jax.jit(spec_prefill, static_argnums=(0, 2), static_argnames=
                            donate_argnames=("cache",))
 spec_loop_jit = jax.jit(spec_loop, static_argnums=(0, 2), static_argnames=("policy", "drafter"),
                         donate_argnames=("state",))
+spec_chunk_jit = jax.jit(spec_chunk, static_argnums=(0, 2), static_argnames=("policy", "drafter"),
+                         donate_argnames=("state",))
 spec_single_step_jit = jax.jit(spec_single_step, static_argnums=(0, 2), static_argnames=("policy", "drafter"))
 
 
@@ -133,6 +144,12 @@ class SpeculativeDecoder:
         """Runs the jitted while_loop from `start`'s state until every row is done."""
         return spec_loop_jit(self.graphdef, self.params, self.heads_graphdef, self.heads_params, state, stop_ids,
                              policy=policy, drafter=self.drafter)
+
+    def advance(self, state: SpecState, stop_ids, *, policy, max_steps: int) -> SpecState:
+        """Runs at most `max_steps` draft-verify steps (fewer once every row is done; the input state is
+        donated): `finish` in pieces, for streaming."""
+        return spec_chunk_jit(self.graphdef, self.params, self.heads_graphdef, self.heads_params, state, stop_ids,
+                              jnp.int32(max_steps), policy=policy, drafter=self.drafter)
 
     def compile(self, prompts, *, policy, max_new_tokens: int, stop_tokens: Sequence[int] = ()) -> None:
         """Compiles prefill and loop for this prompt bucket, so that timed calls exclude compilation."""

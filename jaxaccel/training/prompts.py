@@ -1,0 +1,58 @@
+"""The prompts that draft heads are trained on, as user messages (never Spec-Bench's questions).
+
+The shared folder `../shared/data/train_prompts/` holds three files (its README gives their
+licences): self-instruct's seed tasks (an instruction, with each instance's input), 1,000 cleaned
+Alpaca instructions (instruction and optional input) and a sample of the T0 training mixture
+(ready prompts). Only the prompts are read: self-distillation trains on the base model's own
+answers, so the datasets' reference outputs are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "train_prompts"
+FILES = ("self_instruct_seed_tasks.jsonl", "alpaca_data_cleaned_1000.json", "t0_prompts_sample.jsonl")
+
+
+@dataclass(frozen=True)
+class TrainPrompt:
+    """One user message to answer, with where it came from (`source` file, row `index`)."""
+
+    source: str
+    index: int
+    text: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}:{self.index}"
+
+
+def _join(instruction: str, extra: str) -> str:
+    return f"{instruction.strip()}\n\n{extra.strip()}" if extra and extra.strip() else instruction.strip()
+
+
+def read_train_prompts(directory: str | os.PathLike | None = None) -> list[TrainPrompt]:
+    """Every prompt of the three files, in file order (duplicate texts kept once)."""
+    directory = Path(directory) if directory is not None else DEFAULT_DIR
+    missing = [f for f in FILES if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"training prompt files missing from {directory}: {missing}")
+    prompts = []
+    for i, line in enumerate((directory / FILES[0]).read_text(encoding="utf-8").splitlines()):
+        task = json.loads(line)
+        for instance in task["instances"]:
+            prompts.append(TrainPrompt(FILES[0], i, _join(task["instruction"], instance.get("input", ""))))
+    for i, row in enumerate(json.loads((directory / FILES[1]).read_text(encoding="utf-8"))):
+        prompts.append(TrainPrompt(FILES[1], i, _join(row["instruction"], row.get("input", ""))))
+    for i, line in enumerate((directory / FILES[2]).read_text(encoding="utf-8").splitlines()):
+        prompts.append(TrainPrompt(FILES[2], i, json.loads(line)["prompt"].strip()))
+    seen, unique = set(), []
+    for p in prompts:
+        if p.text and p.text not in seen:
+            seen.add(p.text)
+            unique.append(p)
+    return unique
