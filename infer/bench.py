@@ -8,7 +8,7 @@ One run, the same weights and prompts for all three, greedy, a fixed number of n
     python -m infer.bench --model DIR --heads HEADS_DIR [--heads ...] [--tree auto] --out runs/spec
     python -m infer.bench --model DIR --heads HEADS_DIR --tune-tree
 
-With --heads, the table is the speculative one (see infer/spec_bench.py): ar vs each heads
+With --heads, the table is the speculative one (see infer/speculative_rows.py): ar vs each heads
 directory at each --temperatures, on --num-prompts test-split prompts decoded at batch 1.
 --tune-tree measures this device's step cost per tree size and the heads' acceptance on
 validation-split prompts, and saves the best tree beside the heads (`--tree auto` uses it).
@@ -221,7 +221,7 @@ def speculative_main(args) -> int:
     """--heads / --tune-tree: the speculative table, or tree tuning."""
     import jax
 
-    from infer import spec_bench
+    from infer import speculative_rows
     from jaxaccel.hf import load_hf
 
     if args.model is None or not args.heads:
@@ -233,7 +233,7 @@ def speculative_main(args) -> int:
             tuning = make_prompts(args.model, model.config.vocab_size, 16, args.prompt_len, args.seed + 1,
                                   split="validation")
             for heads_dir in args.heads:
-                report = spec_bench.tune_tree(model, args.model, heads_dir, tuning, tuning[0],
+                report = speculative_rows.tune_tree(model, args.model, heads_dir, tuning, tuning[0],
                                               max_new_tokens=args.max_new_tokens)
                 print(f"{heads_dir}: chose {report['chosen_num_nodes']} nodes")
                 for row in report["table"]:
@@ -241,7 +241,8 @@ def speculative_main(args) -> int:
                           f"{row['step_ms']:.1f} ms/step -> {row['expected_tokens_per_s']:.1f} tokens/s")
             return 0
         prompts = make_prompts(args.model, model.config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
-        report = spec_bench.speculative_report(model, args.model, args.heads, prompts, tree_specs=args.tree or [None],
+        report = speculative_rows.speculative_report(model, args.model, args.heads, prompts,
+                                                     tree_specs=args.tree or [None],
                                                temperatures=args.temperatures, max_new_tokens=args.max_new_tokens,
                                                repeats=args.repeats, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:  # HeadsMismatchError and ModelDirectoryError are ValueErrors
@@ -249,7 +250,7 @@ def speculative_main(args) -> int:
         return 2
     header = (f"model: {args.model} ({jax.devices()[0]}), batch 1, {args.num_prompts} test-split prompts of "
               f"{args.prompt_len} tokens, {args.max_new_tokens} new tokens")
-    table = spec_bench.speculative_markdown(report, header)
+    table = speculative_rows.speculative_markdown(report, header)
     print(table, end="")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

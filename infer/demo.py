@@ -135,8 +135,8 @@ def shown(path: Path) -> str:
 
 
 def demo(args: argparse.Namespace) -> dict:
-    """Runs the comparison; returns the report (rows as infer.spec_bench.speculative_report, plus a sample)."""
-    from infer.spec_bench import speculative_report
+    """Runs the comparison; returns the report (rows as infer.speculative_rows.speculative_report, plus a sample)."""
+    from infer.speculative_rows import speculative_report
     from jaxaccel.decoding import AutoregressiveDecoder, make_policy
     from jaxaccel.decoding.text import load_model_tokenizer, stop_tokens
     from jaxaccel.hf import load_hf
@@ -169,7 +169,7 @@ def demo(args: argparse.Namespace) -> dict:
 
 def markdown(report: dict) -> str:
     """The side-by-side table and the sample completion."""
-    from infer.spec_bench import speculative_markdown
+    from infer.speculative_rows import speculative_markdown
 
     prompts = (f"{report['num_prompts']} Spec-Bench questions (chat template)" if report["chat"] else
                f"{report['num_prompts']} test-split prompts of {report['prompt_len']} tokens")

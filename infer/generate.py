@@ -68,7 +68,7 @@ def make_decoder(args, model, model_dir: Path):
     from jaxaccel.decoding import AutoregressiveDecoder
 
     if args.heads is not None:
-        from infer.spec_bench import resolve_tree
+        from infer.speculative_rows import resolve_tree
         from jaxaccel.decoding.speculative import SpeculativeDecoder
         from jaxaccel.heads import load_heads
 

@@ -168,9 +168,9 @@ def test_bad_input_is_one_line_and_changes_nothing(runs, base_dir, other_base, t
 def test_generate_and_bench_with_heads(runs, base_dir, capsys, monkeypatch):
     """infer.generate --heads gives ar's tokens at T = 0; infer.bench --tune-tree saves a tree that
     --tree auto then uses."""
-    from infer import bench, generate, spec_bench
+    from infer import bench, generate, speculative_rows
 
-    monkeypatch.setattr(spec_bench, "TUNE_SIZES", (2, 8))  # each size is one more compiled step: two suffice here
+    monkeypatch.setattr(speculative_rows, "TUNE_SIZES", (2, 8))  # each size is one more compiled step: two suffice here
 
     prompt = ["--model", str(base_dir), "--prompt", "import os\ndef main(", "--max-new-tokens", "24", "--json"]
     assert generate.main(prompt) == 0
