@@ -243,8 +243,9 @@ def speculative_main(args) -> int:
         prompts = make_prompts(args.model, model.config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
         report = speculative_rows.speculative_report(model, args.model, args.heads, prompts,
                                                      tree_specs=args.tree or [None],
-                                               temperatures=args.temperatures, max_new_tokens=args.max_new_tokens,
-                                               repeats=args.repeats, seed=args.seed)
+                                                     temperatures=args.temperatures,
+                                                     max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                                                     seed=args.seed)
     except (ValueError, FileNotFoundError) as e:  # HeadsMismatchError and ModelDirectoryError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
