@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="directory of the shards (rerun to resume)")
     p.add_argument("--prompts-dir", type=Path, help="training prompt files (default: ../shared/data/train_prompts)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts (or ones that leave no room "
+                   "for --max-new-tokens in the context) are skipped")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--shard-size", type=int, default=256, help="prompts per shard file")
     p.add_argument("--limit", type=int, help="only the first N prompts of the seeded order")
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         from jaxaccel.chat import ChatTemplate
 
         stop = sorted(set(stop) | set(ChatTemplate.from_model_dir(args.model, tokenizer).stop_ids))
-    kept = [(p, i) for p, i in zip(prompts, ids) if len(i) <= args.max_prompt_tokens]
+    room = min(args.max_prompt_tokens, model.config.max_position_embeddings - args.max_new_tokens)
+    kept = [(p, i) for p, i in zip(prompts, ids) if len(i) <= room]  # the rest: too long to answer here
     write_json_atomically(config_file, {"settings": wanted, "model": str(args.model), "prompts": len(prompts),
                                         "kept": len(kept), "skipped_too_long": len(prompts) - len(kept),
                                         "sources": sorted({p.source for p in prompts}), "stop_ids": stop})
