@@ -60,19 +60,15 @@ def time_prompts(decoder, prompts, *, policy, max_new_tokens: int, stop, repeats
             "seconds": seconds, "sequences": sequences}
 
 
-def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, *, tree_specs, temperatures,
-                       max_new_tokens: int, repeats: int, seed: int, stop: list[int] | None = None) -> dict:
-    """Rows for ar and for every (heads directory, tree spec) pair; `tree_specs`: --tree values
-    (a list; [None] for each kind's default); `stop`: stop ids (default: the model's EOS). Among several tree specs, a dynamic one is skipped
+def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs) -> dict[str, tuple[object, dict]]:
+    """Method name -> (decoder, info), "ar" first; info: num_nodes, depth, heads, tree ({} for ar).
+    One decoder per (heads directory, tree spec); among several tree specs, a dynamic one is skipped
     for heads other than eagle (alone, it is the error it would be in infer.generate)."""
-    from jaxaccel.decoding import AutoregressiveDecoder, make_policy
+    from jaxaccel.decoding import AutoregressiveDecoder
     from jaxaccel.decoding.speculative import SpeculativeDecoder
-    from jaxaccel.decoding.text import stop_tokens
     from jaxaccel.heads import load_heads
 
-    stop = stop_tokens(model.config, model_dir) if stop is None else stop
-    decoders = {"ar": AutoregressiveDecoder(model)}
-    trees = {}
+    decoders = {"ar": (AutoregressiveDecoder(model), {})}
     for heads_dir in heads_dirs:
         heads = load_heads(heads_dir, model_dir)
         for tree_spec in tree_specs:
@@ -82,20 +78,31 @@ def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, 
             name = heads.config.kind if len(tree_specs) == 1 else f"{heads.config.kind} ({tree_spec or 'default'})"
             if name in decoders:
                 name = f"{name} [{heads_dir}]"
-            decoders[name] = decoder
-            trees[name] = {"num_nodes": decoder.tree.num_nodes, "depth": decoder.tree.depth, "heads": str(heads_dir),
-                           "tree": tree_spec or "default"}
+            decoders[name] = (decoder, {"num_nodes": decoder.tree.num_nodes, "depth": decoder.tree.depth,
+                                        "heads": str(heads_dir), "tree": tree_spec or "default"})
+    return decoders
+
+
+def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, *, tree_specs, temperatures,
+                       max_new_tokens: int, repeats: int, seed: int, stop: list[int] | None = None) -> dict:
+    """Rows for ar and for every (heads directory, tree spec) pair (see `make_decoders`); `tree_specs`:
+    --tree values (a list; [None] for each kind's default); `stop`: stop ids (default: the model's EOS)."""
+    from jaxaccel.decoding import make_policy
+    from jaxaccel.decoding.text import stop_tokens
+
+    stop = stop_tokens(model.config, model_dir) if stop is None else stop
+    decoders = make_decoders(model, model_dir, heads_dirs, tree_specs)
     rows = []
     for temperature in temperatures:
         policy = make_policy(temperature)
         runs = {name: time_prompts(d, prompts, policy=policy, max_new_tokens=max_new_tokens, stop=stop,
-                                   repeats=repeats) for name, d in decoders.items()}
+                                   repeats=repeats) for name, (d, _) in decoders.items()}
         for name, run in runs.items():
             rows.append({"method": name, "temperature": temperature, "tokens_per_s": run["tokens_per_s"],
                          "mean_accepted_tokens": run["mean_accepted_tokens"],
                          "speedup_vs_ar": run["tokens_per_s"] / runs["ar"]["tokens_per_s"],
                          "identical_to_ar": run["sequences"] == runs["ar"]["sequences"] if temperature == 0 else None,
-                         **trees.get(name, {})})
+                         **decoders[name][1]})
     return {"rows": rows, "num_prompts": len(prompts), "max_new_tokens": max_new_tokens}
 
 

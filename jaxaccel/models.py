@@ -177,9 +177,7 @@ def prepare(name: str, *, force: bool = False, log: Callable[[str], None] | None
         check_sha256(gguf, spec.source.sha256)
     out = model_dir(name)
     log(f"converting {gguf.name} into {out} (once)")
-    if out.exists():  # a directory without a valid marker: an earlier conversion of another file
-        shutil.rmtree(out)
-    convert_gguf(gguf, out)
+    convert_gguf(gguf, out)  # replaces `out` only once the new directory is complete
     marker = {"name": name, "gguf": gguf.name, "gguf_sha256": spec.source.sha256, "source": spec.source.package}
     from jaxaccel.files import write_json_atomically
 

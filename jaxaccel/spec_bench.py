@@ -81,3 +81,19 @@ def sample_questions(questions: list[Question], n: int, seed: int = 0) -> list[Q
             if pools[i] and len(chosen) < n:
                 chosen.append(by_subtask[names[i]][pools[i].pop()])
     return chosen
+
+
+def first_per_category(questions: list[Question], limit: int | None) -> list[Question]:
+    """The first `limit` questions of each category in file order (all of them for None); a quick
+    run that still covers every category."""
+    if limit is None:
+        return list(questions)
+    if limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    seen: dict[str, int] = {}
+    chosen = []
+    for q in questions:
+        seen[q.category] = seen.get(q.category, 0) + 1
+        if seen[q.category] <= limit:
+            chosen.append(q)
+    return chosen
