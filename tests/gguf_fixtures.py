@@ -1,6 +1,7 @@
 """Tiny GGUF files for the tests, written as llama.cpp's converter writes them: arch metadata,
 byte-level BPE tokenizer metadata (a real tokenizer trained on Python source), chat template,
-q/k rows permuted for Llama-layout files, 2-D weights quantized, norms and biases in F32."""
+q/k rows permuted for Llama-layout files, 2-D weights quantized, norms and biases in F32; and tiny
+Gemma 3 files (SentencePiece-style tokenizer metadata, norms stored as w + 1)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = "<tool_call>"
@@ -194,3 +195,126 @@ def sample_texts() -> list[str]:
             "text <tool_call> more", "<|endoftext|>", "<|im_start|>system\nYou are 🤖.<|im_end|>"]
     joined = [" ".join(prose[i:i + 5]) for i in range(0, len(prose), 3)]
     return lines + prose + numbers + spaces + chat + joined + ["\n".join(lines[:40]), ""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 (and 2): SentencePiece-style tokenizer metadata, four norms per block stored as w + 1, QK-norm
+
+GEMMA_CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+# Gemma's user-defined pieces: newline, space and tab runs (llama.cpp writes the space runs with real spaces)
+GEMMA_USER_DEFINED = ["\n", "\n\n", "\n\n\n", "  ", "   ", "    ", "\t\t"]
+# head_dim 256 as in every small Gemma 3: transformers' GGUF loader takes query_pre_attn_scalar's
+# default 256, which the importer derives as head_dim. Six layers: five sliding, one global.
+GEMMA_DIMS = dict(hidden=256, intermediate=512, layers=6, heads=2, kv_heads=1, head_dim=256, context=128,
+                  sliding_window=8)
+GEMMA_CHAT = "<start_of_turn>user\nSum 12 + 30 🤔<end_of_turn>\n<start_of_turn>model\n"
+
+
+@lru_cache(maxsize=None)
+def gemma_tokenizer_metadata() -> tuple[list[str], list[float], list[int]]:
+    """(pieces, scores, types) as llama.cpp stores a Gemma vocabulary: control tokens, user-defined
+    whitespace runs, the 256 byte pieces, then BPE pieces ("▁" for a space) best-first, trained here
+    on this repository's Python source."""
+    root = Path(__file__).resolve().parents[1] / "jaxaccel"
+    text = "\n".join(p.read_text() for p in sorted(root.glob("*.py")))[:60000]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)],
+                            trainers.BpeTrainer(vocab_size=600, show_progress=False))
+    fixed = GEMMA_CONTROL + GEMMA_USER_DEFINED + [f"<0x{b:02X}>" for b in range(256)]
+    trained = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+               if t not in fixed and not (len(t) > 1 and set(t) == {"▁"})]  # the space runs are user-defined
+    pieces = fixed + trained
+    types = [3] * len(GEMMA_CONTROL) + [4] * len(GEMMA_USER_DEFINED) + [6] * 256 + [1] * len(trained)
+    scores = [-1000.0] * len(GEMMA_CONTROL) + [0.0] * (len(GEMMA_USER_DEFINED) + 256) + [-float(i) for i in
+                                                                                          range(len(trained))]
+    return pieces, scores, types
+
+
+def gemma_weights(dims: dict, vocab: int, *, tied: bool, seed: int,
+                  qk_norm: bool = True) -> dict[str, np.ndarray]:
+    """llama.cpp-named Gemma 3 (Gemma 2: no `qk_norm`) weights in Hugging Face row order, norms as Hugging Face stores them
+    (around 0: the scale is 1 + w)."""
+    rng = np.random.default_rng(seed)
+    d, f, hd = dims["hidden"], dims["intermediate"], dims["head_dim"]
+    q, kv = dims["heads"] * hd, dims["kv_heads"] * hd
+
+    def mat(*shape):
+        return (0.08 * rng.standard_normal(shape)).astype(np.float32)
+
+    def norm(n):
+        return (0.2 * rng.standard_normal(n)).astype(np.float32)
+
+    w = {"token_embd.weight": mat(vocab, d), "output_norm.weight": norm(d)}
+    if not tied:
+        w["output.weight"] = mat(vocab, d)
+    for i in range(dims["layers"]):
+        b = f"blk.{i}."
+        w.update({b + "attn_norm.weight": norm(d), b + "attn_q.weight": mat(q, d), b + "attn_k.weight": mat(kv, d),
+                  b + "attn_v.weight": mat(kv, d), b + "attn_output.weight": mat(d, q),
+                  b + "post_attention_norm.weight": norm(d), b + "ffn_norm.weight": norm(d),
+                  b + "post_ffw_norm.weight": norm(d), b + "ffn_gate.weight": mat(f, d),
+                  b + "ffn_up.weight": mat(f, d), b + "ffn_down.weight": mat(d, f)})
+        if qk_norm:
+            w.update({b + "attn_q_norm.weight": norm(hd), b + "attn_k_norm.weight": norm(hd)})
+    return w
+
+
+def write_gemma_gguf(path: Path, qtype: str = "F32", *, arch: str = "gemma3", seed: int = 0,
+                     tied: bool = True, metadata: dict | None = None, drop: tuple[str, ...] = (),
+                     extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Writes a tiny Gemma 3 (or `arch="gemma2"`) GGUF as llama.cpp's converter does (norms stored as
+    w + 1, no q/k permutation, 2-D weights in `qtype`). For bad-input tests: `metadata` overrides
+    GEMMA_DIMS in the metadata only (None: the key is left out), `drop` leaves tensors out, `extra` adds some."""
+    dims = GEMMA_DIMS
+    meta = {**dims, **(metadata or {})}
+    pieces, scores, types = gemma_tokenizer_metadata()
+    weights = {**gemma_weights(dims, len(pieces), tied=tied, seed=seed, qk_norm=arch == "gemma3"), **(extra or {})}
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(f"tiny {arch}")
+    for add, key in [(writer.add_block_count, "layers"), (writer.add_context_length, "context"),
+                     (writer.add_embedding_length, "hidden"), (writer.add_feed_forward_length, "intermediate"),
+                     (writer.add_head_count, "heads"), (writer.add_head_count_kv, "kv_heads"),
+                     (writer.add_key_length, "head_dim"), (writer.add_value_length, "head_dim"),
+                     (writer.add_sliding_window, "sliding_window")]:
+        if meta[key] is not None:
+            add(meta[key])
+    writer.add_rope_freq_base(1000000.0 if arch == "gemma3" else 10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(50.0)
+        writer.add_final_logit_softcapping(30.0)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for add, token in [(writer.add_bos_token_id, "<bos>"), (writer.add_eos_token_id, "<eos>"),
+                       (writer.add_unk_token_id, "<unk>"), (writer.add_pad_token_id, "<pad>")]:
+        add(pieces.index(token))
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    for tname, w in weights.items():
+        if tname in drop:
+            continue
+        if tname.endswith("norm.weight"):
+            w = w + 1.0  # llama.cpp stores Gemma's norm scale 1 + w
+        kind = gguf.GGMLQuantizationType[qtype]
+        if w.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tname, w)
+        else:
+            writer.add_tensor(tname, quantize(w, kind, seed), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gemma_sample_texts() -> list[str]:
+    """sample_texts() with Gemma's chat markup and whitespace runs."""
+    return sample_texts() + [GEMMA_CHAT, "<start_of_turn>model\nHi!<end_of_turn>", "<bos>text<eos>", "<mask> x",
+                             "a  b   c    d     e", "\t\t\tx", "  lead", "trail  ", "x\n\n\n\ny", "💩🦜 ∮ E⋅da"]

@@ -140,7 +140,7 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "truncated": (truncated, "is truncated"),
         "truncated header": (header_only, "is truncated"),
         "missing": (tmp_path / "absent.gguf", "no such file"),
-        "arch": (write_gguf(tmp_path / "a.gguf", "llama", arch="gemma3"), "unsupported architecture 'gemma3'"),
+        "arch": (write_gguf(tmp_path / "a.gguf", "llama", arch="falcon"), "unsupported architecture 'falcon'"),
         "tensor type": (write_gguf(tmp_path / "q.gguf", "llama", tensor_types={"blk.0.ffn_up.weight": "Q8_1"}),
                         "has type Q8_1"),
         "shape": (write_gguf(tmp_path / "s.gguf", "llama", metadata_dims={"intermediate": 384}), "has shape"),

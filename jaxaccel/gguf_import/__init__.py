@@ -4,8 +4,10 @@
     model, tokenizer = load_gguf("model.gguf")
 
 Modules: `reader` (the file, dequantized tensors, `GGUFError`), `families` (one table entry per
-architecture), `config` (metadata -> config.json), `tokenizer` (metadata -> tokenizer.json),
-`convert` (the directory, written atomically).
+architecture), `config` (metadata -> config.json), `layout` (config.json and every tensor's shape,
+validated by our model), `gemma` (Gemma 2 / 3: names, norm offset, config facts the metadata omits),
+`tokenizer` (metadata -> tokenizer.json; `sentencepiece` for Gemma's), `convert` (the directory,
+written atomically).
 """
 
 from jaxaccel.gguf_import.convert import convert_gguf, load_gguf

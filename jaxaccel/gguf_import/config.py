@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jaxaccel.gguf_import.families import GGUFFamily
 from jaxaccel.gguf_import.reader import GGUFError
+
+if TYPE_CHECKING:  # families.py imports this module
+    from jaxaccel.gguf_import.families import GGUFFamily
 
 
 def hf_config_from_metadata(meta: dict[str, Any], arch: str, family: GGUFFamily, tensor_names: set[str],

@@ -10,17 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 from safetensors.numpy import save_file
 
-from jaxaccel.config import ModelConfig
 from jaxaccel.files import write_atomically, write_json_atomically
-from jaxaccel.gguf_import.config import hf_config_from_metadata
 from jaxaccel.gguf_import.families import GGUF_FAMILIES, GGUFFamily
+from jaxaccel.gguf_import.layout import Layout
 from jaxaccel.gguf_import.reader import GGUFError, open_gguf, read_metadata, read_tensor
 from jaxaccel.gguf_import.tokenizer import tokenizer_from_metadata
-from jaxaccel.hf import config_from_hf, config_to_hf, hf_name, load_hf
-from jaxaccel.model import Transformer
+from jaxaccel.hf import load_hf
 
 
 def family_of(meta: dict[str, Any], path: Path) -> tuple[str, GGUFFamily]:
@@ -30,30 +27,20 @@ def family_of(meta: dict[str, Any], path: Path) -> tuple[str, GGUFFamily]:
     return arch, GGUF_FAMILIES[arch]
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Hugging Face tensor name -> shape, for every parameter of our model of `config`."""
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    shapes = {}
-    for param_path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        name, transposed = hf_name(param_path, config.family)
-        shapes[name] = tuple(variable.shape)[::-1] if transposed else tuple(variable.shape)
-    return shapes
-
-
-def convert_weights(reader, family: GGUFFamily, config: ModelConfig, path: Path) -> dict[str, np.ndarray]:
+def convert_weights(reader, family: GGUFFamily, layout: Layout, path: Path) -> dict[str, np.ndarray]:
     """Every tensor dequantized, renamed, transformed back to Hugging Face's layout and shape-checked."""
-    expected = expected_shapes(config)
+    expected = layout.shapes
     tensors = {}
     for t in reader.tensors:
         name = family.hf_name(t.name)
         if name is None or name not in expected:
-            raise GGUFError(f"{path} holds tensor {t.name!r}, which this {config.family} config does not use")
+            raise GGUFError(f"{path} holds tensor {t.name!r}, which this {layout.family} config does not use")
         w = read_tensor(t, path)
         if w.shape != expected[name]:
             raise GGUFError(f"tensor {t.name!r} in {path} has shape {w.shape} (numpy order), expected "
                             f"{expected[name]} from the metadata")
         for transform in family.all_transforms():
-            w = transform(name, w, config.num_heads, config.num_kv_heads)
+            w = transform(name, w, layout.num_heads, layout.num_kv_heads)
         tensors[name] = np.ascontiguousarray(w, np.float32)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -72,16 +59,13 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     reader = open_gguf(src)
     meta = read_metadata(reader)
     arch, family = family_of(meta, src)
-    hf = hf_config_from_metadata(meta, arch, family, {t.name for t in reader.tensors}, src)
-    try:
-        config = config_from_hf(hf)
-    except (ValueError, KeyError) as e:
-        raise GGUFError(f"{src}: metadata gives an unusable config: {e}") from None
+    hf = family.hf_config(meta, arch, family, {t.name for t in reader.tensors}, src)
+    layout = family.layout(hf, src)
     tokenizer, tokenizer_config = tokenizer_from_metadata(meta, src)
-    if tokenizer.get_vocab_size() > config.vocab_size:
+    if tokenizer.get_vocab_size() > layout.vocab_size:
         raise GGUFError(f"{src}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
-                        f"{config.vocab_size}")
-    tensors = convert_weights(reader, family, config, src)
+                        f"{layout.vocab_size}")
+    tensors = convert_weights(reader, family, layout, src)
 
     if out.exists() and not out.is_dir():
         raise GGUFError(f"{out} exists and is not a directory")
@@ -89,10 +73,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         save_file(tensors, build / "model.safetensors", metadata={"format": "pt"})
-        write_json_atomically(build / "config.json", config_to_hf(config))
+        write_json_atomically(build / "config.json", layout.config_json)
         write_atomically(build / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
         write_json_atomically(build / "tokenizer_config.json", tokenizer_config)
-        write_json_atomically(build / "generation_config.json", generation_config(meta))
+        write_json_atomically(build / "generation_config.json", generation_config(meta, family.stop_tokens))
         for f in build.iterdir():  # mkdtemp made the folder private; a model directory is not
             f.chmod(0o644)
         build.chmod(0o755)
@@ -103,10 +87,13 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out
 
 
-def generation_config(meta: dict[str, Any]) -> dict[str, Any]:
-    """bos / eos / pad ids; eos lists end-of-turn too (llama.cpp's eot / eom ids), where they differ."""
+def generation_config(meta: dict[str, Any], stop_tokens: tuple[str, ...] = ()) -> dict[str, Any]:
+    """bos / eos / pad ids; eos lists end-of-turn too (llama.cpp's eot / eom ids, and the family's
+    `stop_tokens` where the vocabulary has them), where they differ."""
     eos = [meta[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")
            if meta.get(f"tokenizer.ggml.{k}_token_id") is not None]
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    eos += [tokens.index(t) for t in stop_tokens if t in tokens]
     eos = list(dict.fromkeys(eos))
     config = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
               "eos_token_id": eos[0] if len(eos) == 1 else (eos or None)}

@@ -2,11 +2,13 @@
 
 An entry holds what differs between families on the GGUF side: its metadata key prefix (the table
 key, llama.cpp's `general.architecture`), the Hugging Face family it becomes, llama.cpp's tensor
-names for it, and per-tensor transforms that undo what llama.cpp's converter did to the weights.
-What the family itself is (biases, QK-norm) stays with `jaxaccel.hf.config_from_hf`.
+names for it, per-tensor transforms that undo what llama.cpp's converter did to the weights, and two
+hooks: `hf_config` (metadata -> Hugging Face config dict) and `layout` (that dict -> config.json and
+every tensor's shape, validated by our own model where it runs the family). What the family itself
+is (biases, QK-norm) stays with `jaxaccel.hf.config_from_hf` for the families our model runs.
 
-Adding a family is one entry; Gemma 3, for example, would list its extra norms in `block_tensors`
-and a `transform` storing norms back as w - 1, with `permute_qk=False`.
+Adding a family is one entry; Gemma 2 / 3 (`gemma.py`) list their extra norms in `block_tensors`, a
+transform storing norms back as w - 1, their own config builder and layout, with `permute_qk=False`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
+
+from jaxaccel.gguf_import.config import hf_config_from_metadata
+from jaxaccel.gguf_import.gemma import (END_OF_TURN, GEMMA2_BLOCK_TENSORS, GEMMA3_BLOCK_TENSORS, gemma_hf_config,
+                                        gemma_layout, unshift_norms)
+from jaxaccel.gguf_import.layout import our_layout
 
 # llama.cpp name -> Hugging Face name, outside and inside the blocks (suffix .weight / .bias kept).
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -55,6 +62,9 @@ class GGUFFamily:
     permute_qk: bool  # llama.cpp permuted q/k rows for its rotary layout (Llama-layout files)
     block_tensors: dict[str, str] = dataclasses.field(default_factory=lambda: dict(LLAMA_BLOCK_TENSORS))
     transforms: tuple[Transform, ...] = ()  # applied in order after dequantizing, before the shape check
+    hf_config: Callable = hf_config_from_metadata  # (meta, arch, family, tensor names, path) -> HF config dict
+    layout: Callable = our_layout  # (HF config dict, path) -> Layout
+    stop_tokens: tuple[str, ...] = ()  # end-of-turn tokens the metadata does not name, added to eos
 
     def all_transforms(self) -> tuple[Transform, ...]:
         return ((unpermute_qk,) if self.permute_qk else ()) + self.transforms
@@ -79,4 +89,11 @@ GGUF_FAMILIES = {
     "mistral": GGUFFamily("mistral", permute_qk=True),
     "qwen2": GGUFFamily("qwen2", permute_qk=False),
     "qwen3": GGUFFamily("qwen3", permute_qk=False),
+    # Until our Transformer runs Gemma, its layout is stated in gemma.py (then: layout=our_layout).
+    "gemma3": GGUFFamily("gemma3_text", permute_qk=False, block_tensors=GEMMA3_BLOCK_TENSORS,
+                         transforms=(unshift_norms,), hf_config=gemma_hf_config, layout=gemma_layout,
+                         stop_tokens=(END_OF_TURN,)),
+    "gemma2": GGUFFamily("gemma2", permute_qk=False, block_tensors=GEMMA2_BLOCK_TENSORS,
+                         transforms=(unshift_norms,), hf_config=gemma_hf_config, layout=gemma_layout,
+                         stop_tokens=(END_OF_TURN,)),
 }

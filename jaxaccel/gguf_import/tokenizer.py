@@ -3,7 +3,8 @@
 llama.cpp stores a byte-level BPE tokenizer ("gpt2") as its vocabulary, spelled in GPT-2's byte
 alphabet, its merges, a type per token, and the name of its pre-tokenizer (`tokenizer.ggml.pre`),
 whose split rule lives in llama.cpp's source rather than in the file: `PRE_TOKENIZERS` holds the
-ones we know.
+ones we know. Gemma's SentencePiece tokenizer ("llama") is built in `sentencepiece.py`; the special
+and user-defined tokens, BOS/EOS and tokenizer_config.json are the same for both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from jaxaccel.gguf_import.reader import GGUFError
+from jaxaccel.gguf_import.sentencepiece import SENTENCEPIECE_ARCHS, gemma_tokenizer
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -75,26 +77,19 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> tuple[Tokenizer
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise GGUFError(f"{path} has no tokenizer metadata (tokenizer.ggml.model / tokenizer.ggml.tokens)")
-    if kind != "gpt2":
-        raise GGUFError(f"{path}: unsupported tokenizer.ggml.model {kind!r}; supported: 'gpt2' (byte-level BPE)")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = meta.get("tokenizer.ggml.merges")
-    if not merges:
-        raise GGUFError(f"{path} has a byte-level BPE tokenizer without tokenizer.ggml.merges")
-
-    spelling = byte_alphabet()
-    alphabet = set(spelling.values())
-    # A token outside the byte alphabet (llama.cpp writes some special tokens raw) is respelled; as
-    # transformers does, such a CONTROL token is not made special (it is a llama.cpp mislabel).
-    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()) for t in tokens]
-    vocab = {t: i for i, t in enumerate(spelled)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], dropout=None,
-                                     continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    tokenizer.pre_tokenizer = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), path)
-    tokenizer.decoder = decoders.ByteLevel()
+    if kind == "gpt2":
+        tokenizer, vocab, special_ok = byte_level_tokenizer(meta, tokens, path)
+    elif kind == "llama" and meta.get("general.architecture") in SENTENCEPIECE_ARCHS:
+        tokenizer = gemma_tokenizer(meta, path)
+        vocab, special_ok = tokenizer.get_vocab(), lambda t: True
+    else:
+        raise GGUFError(f"{path}: unsupported tokenizer.ggml.model {kind!r}; supported: 'gpt2' (byte-level BPE), "
+                        f"'llama' for {', '.join(SENTENCEPIECE_ARCHS)} (SentencePiece BPE)")
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet])
-    # USER_DEFINED tokens (e.g. <think>) are matched whole in text, but are not special.
+                                  for t, k in zip(tokens, types) if k == CONTROL and special_ok(t)])
+    # USER_DEFINED tokens (e.g. <think>, Gemma's newline runs) are matched whole in text, but are not
+    # special; one the vocabulary spells differently (Gemma's space runs) stays an ordinary piece.
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
 
@@ -103,11 +98,11 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> tuple[Tokenizer
         return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
     bos, eos = token("bos_token_id"), token("eos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))  # llama.cpp's default for SPM
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if (add_bos and bos) or (add_eos and eos):
         tokenizer.post_processor = post_processor(bos if add_bos else None, eos if add_eos else None, vocab)
-    else:
+    elif kind == "gpt2":
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -126,3 +121,21 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> tuple[Tokenizer
     if meta.get("tokenizer.chat_template") is not None:
         config["chat_template"] = meta["tokenizer.chat_template"]
     return tokenizer, config
+
+
+def byte_level_tokenizer(meta: dict[str, Any], tokens: list[str], path: Path):
+    """(the BPE tokenizer, its vocabulary, which CONTROL tokens may be special) for a "gpt2" tokenizer."""
+    merges = meta.get("tokenizer.ggml.merges")
+    if not merges:
+        raise GGUFError(f"{path} has a byte-level BPE tokenizer without tokenizer.ggml.merges")
+    spelling = byte_alphabet()
+    alphabet = set(spelling.values())
+    # A token outside the byte alphabet (llama.cpp writes some special tokens raw) is respelled; as
+    # transformers does, such a CONTROL token is not made special (it is a llama.cpp mislabel).
+    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()) for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], dropout=None,
+                                     continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), path)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer, vocab, lambda t: set(t) <= alphabet
