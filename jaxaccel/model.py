@@ -84,7 +84,12 @@ class Transformer(nnx.Module):
     def logits(self, hidden_bnd: jax.Array) -> jax.Array:
         """The LM head (tied or not), in float32."""
         if self.lm_head is None:
-            out = self.embed_tokens.attend(hidden_bnd)
+            # Contract with the [V, d] table as stored. `Embed.attend` (h @ E.T) transposes it, and
+            # XLA:CPU fuses that transpose into a naive loop-emitted dot over the whole table
+            # (every decode step) instead of calling its library matrix-vector product.
+            embed = self.embed_tokens
+            hidden_bnd, table_vd = embed.promote_dtype((hidden_bnd, embed.embedding[...]), dtype=embed.dtype)
+            out = jnp.einsum("...d,vd->...v", hidden_bnd, table_vd)
         else:
             out = self.lm_head(hidden_bnd)
         return out.astype(jnp.float32)
