@@ -7,6 +7,8 @@ One run, the same weights and prompts for all three, greedy, a fixed number of n
     python -m infer.bench --random-params 250 --out runs/bench_250mb
     python -m infer.bench --model DIR --heads HEADS_DIR [--heads ...] [--tree auto] --out runs/spec
     python -m infer.bench --model DIR --heads HEADS_DIR --tune-tree
+    python -m infer.bench --model DIR [--heads HEADS_DIR] --step-costs --out runs/costs   # infer/step_costs.py
+    python -m infer.bench --model smollm2-135m-instruct --drafter pld --drafter recycling --out runs/spec
 
 With --heads, the table is the speculative one (see infer/speculative_rows.py): ar vs each heads
 directory at each --temperatures, on --num-prompts test-split prompts decoded at batch 1.
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
                         "torch's own; on an oversubscribed machine its thread barriers can slow it several-fold)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
     parser.add_argument("--heads", type=Path, action="append", default=[], help="heads directory (repeatable)")
+    parser.add_argument("--drafter", action="append", default=[], help="training-free drafter NAME[:key=value,...] "
+                        "(pld, recycling; repeatable: one speculative row each; `python -m infer.drafters` lists them)")
     parser.add_argument("--tree", action="append", help="default | chain | auto | dynamic[:TOPK,DEPTH,NODES] "
                         "(EAGLE-2) | FILE.json (speculative rows; repeatable: one row per heads and tree)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
@@ -155,8 +159,14 @@ def main(argv=None) -> int:
     parser.add_argument("--long-context", action="store_true", help="the attention kinds at long contexts "
                         "(infer/long_context_bench.py; --out DIR gets long_context.json)")
     long_context_bench.add_arguments(parser.add_argument_group("--long-context"))
+    parser.add_argument("--step-costs", action="store_true", help="forward cost per token count, AR step / floor, "
+                        "speculative step / forward (infer/step_costs.py; --out DIR gets step_costs.json)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the reports
+    if args.step_costs:
+        from infer import step_costs
+
+        return step_costs.main_with(args)
     if args.long_context:
         if args.model is None or len(args.heads) > 1:
             print("error: --long-context needs --model DIR and at most one --heads DIR", file=sys.stderr)
@@ -164,7 +174,7 @@ def main(argv=None) -> int:
         args.heads = args.heads[0] if args.heads else None
         args.out = None if args.out is None else args.out / "long_context.json"
         return long_context_bench.main_with(args)
-    if args.heads or args.tune_tree:
+    if args.heads or args.drafter or args.tune_tree:
         return speculative_main(args)
 
     import jax
@@ -218,14 +228,15 @@ def main(argv=None) -> int:
 
 
 def speculative_main(args) -> int:
-    """--heads / --tune-tree: the speculative table, or tree tuning."""
+    """--heads / --drafter / --tune-tree: the speculative table, or tree tuning."""
     import jax
 
     from infer import speculative_rows
     from jaxaccel.hf import load_hf
 
-    if args.model is None or not args.heads:
-        print("error: --heads and --tune-tree need --model DIR and at least one --heads DIR", file=sys.stderr)
+    if args.model is None or not (args.heads or (args.drafter and not args.tune_tree)):
+        print("error: --heads, --drafter and --tune-tree need --model DIR, and --tune-tree at least one --heads DIR",
+              file=sys.stderr)
         return 2
     try:
         model = load_hf(args.model, **attention_override(args))
@@ -245,7 +256,7 @@ def speculative_main(args) -> int:
                                                      tree_specs=args.tree or [None],
                                                      temperatures=args.temperatures,
                                                      max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                                                     seed=args.seed)
+                                                     seed=args.seed, drafter_specs=args.drafter)
     except (ValueError, FileNotFoundError) as e:  # HeadsMismatchError and ModelDirectoryError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@
 Each line read is one user message; `/reset` starts the conversation over, `/exit` or the end of
 the input ends. The answers go to stdout; the prompt marker (on a terminal), notes and, after each
 answer, a line with its tokens, tokens/s and mean accepted tokens (tokens per forward pass, above
-1 with --heads) go to stderr. Bad arguments exit with status 2 and a one-line message.
+1 with --heads or --drafter) go to stderr. Bad arguments exit with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m infer.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory or model name (prepared on first use)")
     parser.add_argument("--heads", type=Path, help="draft heads directory: decode speculatively")
-    parser.add_argument("--tree", help="with --heads: the tree (as infer.generate's --tree)")
+    parser.add_argument("--drafter", help="speculative drafter NAME[:key=value,...] (pld, recycling; as infer.generate)")
+    parser.add_argument("--tree", help="with --heads or --drafter: the tree (as infer.generate's --tree)")
     parser.add_argument("--system", help="a system message at the start of the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

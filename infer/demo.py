@@ -4,6 +4,7 @@
     python -m infer.demo --num-prompts 8 --max-new-tokens 128 --out runs/demo
     python -m infer.demo --model small                    # the shipped small model + its hydra and eagle heads
     python -m infer.demo --model DIR_OR_NAME --heads HEADS_DIR [--heads ...] [--tree auto]
+    python -m infer.demo --drafter pld --drafter recycling   # training-free drafters, any model
     python -m infer.demo --ship-from runs/small [--kinds hydra eagle]   # replace the shipped small files
     python -m infer.demo --train [--run-dir runs/small]                 # rebuild them, then ship
 
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{DEFAULT_MODEL}; 'small': the shipped small model and heads) or model directory")
     p.add_argument("--heads", type=Path, action="append", default=[],
                    help="heads directory, repeatable (default: the heads shipped for the model, if any)")
+    p.add_argument("--drafter", action="append", default=[], help="training-free drafter NAME[:key=value,...], "
+                   "repeatable (pld, recycling; `python -m infer.drafters` lists them)")
     p.add_argument("--questions", type=Path, help="Spec-Bench question file for chat models (default: the "
                    "shared question.jsonl)")
     p.add_argument("--tree", default="auto", help="auto (the heads' tuned tree.json, else the kind's default) | "
@@ -153,7 +156,7 @@ def demo(args: argparse.Namespace) -> dict:
     tree_spec = resolve_tree_spec(args.tree, heads_dirs)
     report = speculative_report(model, model_dir, heads_dirs, prompts, tree_specs=[tree_spec],
                                 temperatures=[args.temperature], max_new_tokens=args.max_new_tokens,
-                                repeats=args.repeats, seed=args.seed, stop=stop)
+                                repeats=args.repeats, seed=args.seed, stop=stop, drafter_specs=args.drafter)
     # The sample: prompt 0 decoded once more (already compiled) by the autoregressive loop.
     sample = AutoregressiveDecoder(model).generate(
         [prompts[0]], policy=make_policy(args.temperature), max_new_tokens=args.max_new_tokens,
@@ -176,9 +179,10 @@ def markdown(report: dict) -> str:
     header = (f"model: {report['model']} ({report['num_params'] / 1e6:.2f}M params, {report['device']}), batch 1, "
               f"{prompts}, {report['max_new_tokens']} new tokens, temperature {report['temperature']:g}")
     table = speculative_markdown(report, header)
-    if not report["heads"]:
+    if not report["heads"] and len(report["rows"]) == 1:
         table += ("\nNo draft heads ship for this model yet, so only autoregressive decoding is shown; "
-                  "`--heads DIR` adds speculative rows (`--model small` shows the shipped small model's).\n")
+                  "`--heads DIR` adds speculative rows (`--model small` shows the shipped small model's), "
+                  "and `--drafter pld` a training-free one.\n")
     sample = report["sample"]
     if report["chat"]:
         return (table + f"\nSample (Spec-Bench question {sample['question_id']}, {sample['category']}; "

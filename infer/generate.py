@@ -4,6 +4,7 @@
     python -m infer.generate --model DIR --prompt-file prompts.jsonl --max-new-tokens 64 \\
         --temperature 0.8 --top-p 0.95 --seed 1 --json
     python -m infer.generate --model smollm2-135m-instruct --chat --system "Be brief." --prompt "Hi!"
+    python -m infer.generate --model smollm2-135m-instruct --chat --drafter pld:depth=6 --prompt "..."
 
 --model is a model directory or a registry name (`python -m infer.models` lists them; prepared on
 first use). With --chat each prompt is one user message put through the model's chat template, and
@@ -45,8 +46,10 @@ def parse_args(argv):
                         "chat template, stop at its end-of-turn token")
     parser.add_argument("--system", help="with --chat: a system message before each prompt")
     parser.add_argument("--heads", type=Path, help="draft heads directory: decode speculatively")
-    parser.add_argument("--tree", help="with --heads: default | chain | auto (tuned by infer.bench --tune-tree) | "
-                        "dynamic[:TOPK,DEPTH,NODES] (EAGLE-2, eagle heads) | FILE.json")
+    parser.add_argument("--drafter", help="decode speculatively with a drafter, NAME[:key=value,...]: pld, "
+                        "recycling (training-free, any model; `python -m infer.drafters` lists them and their options)")
+    parser.add_argument("--tree", help="with --heads (or --drafter): default | chain | auto (tuned by infer.bench "
+                        "--tune-tree) | dynamic[:TOPK,DEPTH,NODES] (EAGLE-2, eagle heads) | FILE.json")
     parser.add_argument("--attention-impl", choices=("auto", "xla", "pallas"),
                         help="attention implementation (default: the model config's; 'auto': Pallas kernels on "
                         "GPU and TPU, XLA on CPU; 'pallas' on CPU runs the Pallas interpreter, slowly)")
@@ -64,19 +67,23 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 
 def make_decoder(args, model, model_dir: Path):
-    """The decoder the arguments ask for: speculative with --heads (and --tree), else autoregressive."""
+    """The decoder the arguments ask for: speculative with --heads and/or --drafter (and --tree),
+    else autoregressive."""
     from jaxaccel.decoding import AutoregressiveDecoder
 
-    if args.heads is not None:
-        from infer.speculative_rows import resolve_tree
-        from jaxaccel.decoding.speculative import SpeculativeDecoder
-        from jaxaccel.heads import load_heads
+    drafter_spec = getattr(args, "drafter", None)
+    if args.heads is None and drafter_spec is None:
+        if args.tree is not None:
+            raise ValueError("--tree needs --heads or --drafter")
+        return AutoregressiveDecoder(model)
+    from infer.speculative_rows import resolve_tree
+    from jaxaccel.decoding.speculative import SpeculativeDecoder
+    from jaxaccel.drafters import make_drafter
+    from jaxaccel.heads import load_heads
 
-        heads = load_heads(args.heads, model_dir)
-        return SpeculativeDecoder(model, heads, resolve_tree(args.tree, args.heads, heads))
-    if args.tree is not None:
-        raise ValueError("--tree needs --heads")
-    return AutoregressiveDecoder(model)
+    heads = None if args.heads is None else load_heads(args.heads, model_dir)
+    tree = resolve_tree(args.tree, args.heads, heads)
+    return SpeculativeDecoder(model, make_drafter(drafter_spec, heads=heads, tree=tree))
 
 
 def completion_text(tokenizer, tokens: list[int], chat_stop: tuple[int, ...] = ()) -> str:

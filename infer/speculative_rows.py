@@ -1,6 +1,7 @@
-"""The speculative rows of `infer.bench`: ar vs each heads directory, and `--tune-tree`.
+"""The speculative rows of `infer.bench`: ar vs each heads directory and drafter, and `--tune-tree`.
 
     python -m infer.bench --model runs/small/model --heads runs/small/heads/medusa --heads ... --out DIR
+    python -m infer.bench --model smollm2-135m-instruct --drafter pld --drafter recycling
     python -m infer.bench --model runs/small/model --heads runs/small/heads/eagle --tune-tree
 
 Each test-split prompt is decoded at batch 1 by our autoregressive loop and by the speculative
@@ -20,13 +21,17 @@ TUNE_SIZES = (2, 4, 8, 16, 24, 32, 48, 64)
 TUNE_MAX_RANK = 8
 
 
-def resolve_tree(spec: str | None, heads_dir: Path, heads):
-    """--tree: None/'default' (the kind's default), 'chain', 'auto' (tuned, saved with the heads),
-    'dynamic' or 'dynamic:TOPK,DEPTH,NODES' (EAGLE-2, eagle heads), or a JSON file."""
+def resolve_tree(spec: str | None, heads_dir: Path | None, heads):
+    """--tree: None/'default' (the drafter's default), 'chain' (as deep as the heads), 'auto'
+    (tuned, saved with the heads), 'dynamic' or 'dynamic:TOPK,DEPTH,NODES' (EAGLE-2, drafters
+    that grow their own), or a JSON file. Without heads (a training-free drafter) 'chain' and
+    'auto' are errors."""
     from jaxaccel.decoding.tree import DynamicTree, Tree
 
     if spec in (None, "default"):
         return None
+    if spec in ("chain", "auto") and heads is None:
+        raise ValueError(f"--tree {spec} needs --heads; a drafter without heads takes default, dynamic or FILE.json")
     if spec == "chain":
         return Tree.chain(heads.config.num_heads)
     if spec.startswith("dynamic"):
@@ -60,38 +65,51 @@ def time_prompts(decoder, prompts, *, policy, max_new_tokens: int, stop, repeats
             "seconds": seconds, "sequences": sequences}
 
 
-def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs) -> dict[str, tuple[object, dict]]:
-    """Method name -> (decoder, info), "ar" first; info: num_nodes, depth, heads, tree ({} for ar).
-    One decoder per (heads directory, tree spec); among several tree specs, a dynamic one is skipped
-    for heads other than eagle (alone, it is the error it would be in infer.generate)."""
+def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
+                  drafter_specs=()) -> dict[str, tuple[object, dict]]:
+    """Method name -> (decoder, info), "ar" first; info: num_nodes, depth, heads, tree, drafter ({}
+    for ar). One decoder per (heads directory, tree spec), then one per --drafter spec
+    ('pld', 'recycling:...': training-free, their default trees). Among several tree specs, a
+    dynamic one is skipped for heads whose drafter cannot grow one (alone, it is the error it
+    would be in infer.generate)."""
     from jaxaccel.decoding import AutoregressiveDecoder
     from jaxaccel.decoding.speculative import SpeculativeDecoder
+    from jaxaccel.drafters import get_record, make_drafter
     from jaxaccel.heads import load_heads
 
     decoders = {"ar": (AutoregressiveDecoder(model), {})}
+
+    def add(name, drafter, info):
+        if name in decoders:
+            name = f"{name} [{info.get('heads') or info['drafter']}]"
+        decoders[name] = (SpeculativeDecoder(model, drafter), {"num_nodes": drafter.tree.num_nodes,
+                                                               "depth": drafter.tree.depth, **info})
+
     for heads_dir in heads_dirs:
         heads = load_heads(heads_dir, model_dir)
+        kind = heads.config.kind
         for tree_spec in tree_specs:
-            if len(tree_specs) > 1 and heads.config.kind != "eagle" and (tree_spec or "").startswith("dynamic"):
-                continue  # dynamic trees are EAGLE-2's: in a list of trees they apply to eagle heads only
-            decoder = SpeculativeDecoder(model, heads, resolve_tree(tree_spec, heads_dir, heads))
-            name = heads.config.kind if len(tree_specs) == 1 else f"{heads.config.kind} ({tree_spec or 'default'})"
-            if name in decoders:
-                name = f"{name} [{heads_dir}]"
-            decoders[name] = (decoder, {"num_nodes": decoder.tree.num_nodes, "depth": decoder.tree.depth,
-                                        "heads": str(heads_dir), "tree": tree_spec or "default"})
+            if len(tree_specs) > 1 and not get_record(kind).dynamic_trees and (tree_spec or "").startswith("dynamic"):
+                continue  # dynamic trees are EAGLE-2's: in a list of trees they apply to heads that grow them
+            drafter = make_drafter(heads=heads, tree=resolve_tree(tree_spec, heads_dir, heads))
+            add(kind if len(tree_specs) == 1 else f"{kind} ({tree_spec or 'default'})", drafter,
+                {"heads": str(heads_dir), "tree": tree_spec or "default", "drafter": kind})
+    for spec in drafter_specs:
+        add(spec, make_drafter(spec), {"drafter": spec, "tree": "default"})
     return decoders
 
 
 def speculative_report(model, model_dir: Path, heads_dirs: list[Path], prompts, *, tree_specs, temperatures,
-                       max_new_tokens: int, repeats: int, seed: int, stop: list[int] | None = None) -> dict:
-    """Rows for ar and for every (heads directory, tree spec) pair (see `make_decoders`); `tree_specs`:
-    --tree values (a list; [None] for each kind's default); `stop`: stop ids (default: the model's EOS)."""
+                       max_new_tokens: int, repeats: int, seed: int, stop: list[int] | None = None,
+                       drafter_specs=()) -> dict:
+    """Rows for ar, every (heads directory, tree spec) pair and every drafter spec (see
+    `make_decoders`); `tree_specs`: --tree values (a list; [None] for each kind's default);
+    `stop`: stop ids (default: the model's EOS)."""
     from jaxaccel.decoding import make_policy
     from jaxaccel.decoding.text import stop_tokens
 
     stop = stop_tokens(model.config, model_dir) if stop is None else stop
-    decoders = make_decoders(model, model_dir, heads_dirs, tree_specs)
+    decoders = make_decoders(model, model_dir, heads_dirs, tree_specs, drafter_specs)
     rows = []
     for temperature in temperatures:
         policy = make_policy(temperature)

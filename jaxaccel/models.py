@@ -255,7 +255,7 @@ def resolve_model(spec: str | os.PathLike, *, log: Callable[[str], None] | None 
         return SHIPPED[str(spec)]
     if str(spec) in REGISTRY:
         return prepare(str(spec), log=log)
-    raise ModelCacheError(f"--model {spec}: no such model directory, and not a model name "
+    raise ModelCacheError(f"{spec} is neither a model directory nor a model name "
                           f"(known: {', '.join(sorted([*REGISTRY, *SHIPPED]))})")
 
 

@@ -63,7 +63,7 @@ def test_damaged_shipped_files_stop_the_demo_with_a_message_that_says_what_to_do
     (["--num-prompts", "0"], "--num-prompts must be >= 1"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
-    (["--model", "no-such-model"], "not a model name"),
+    (["--model", "no-such-model"], "neither a model directory nor a model name"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(capsys, argv, message):
     assert demo.main([*argv, "--no-compilation-cache"]) == demo.EXIT_BAD_INPUT

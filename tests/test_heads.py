@@ -210,7 +210,7 @@ def test_heads_directory_roundtrip_and_base_fingerprint(base, tmp_path):
     (dict(kind="lookahead"), "unknown heads kind 'lookahead'; expected one of ['eagle', 'hydra', 'medusa']"),
     (dict(num_heads=0), "num_heads must be >= 1"),
     (dict(kind="medusa", prefix_layer=True), "prefix_layer is a hydra option"),
-    (dict(kind="eagle", share_lm_head=True), "eagle always uses the base model's LM head"),
+    (dict(kind="eagle", share_lm_head=True), "share_lm_head is a medusa / hydra option, not one of 'eagle'"),
 ])
 def test_heads_config_errors(fields, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

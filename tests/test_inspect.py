@@ -7,7 +7,8 @@ from jaxaccel.data import load_tokenizer, sample_prompts
 from jaxaccel.decoding import AutoregressiveDecoder
 from jaxaccel.decoding.inspect import inspect_step, tree_layout
 from jaxaccel.decoding.speculative import SpeculativeDecoder
-from jaxaccel.decoding.tree import DEFAULT_TREES, DynamicTree, Tree
+from jaxaccel.decoding.tree import DynamicTree, Tree
+from jaxaccel.drafters import RECORDS
 from jaxaccel.heads import load_heads
 from jaxaccel.hf import load_hf
 from jaxaccel.pretrained import SHIPPED_DIR
@@ -24,7 +25,7 @@ def shipped():
     return model, load_heads(SHIPPED_DIR / "heads" / "eagle", MODEL_DIR), prompts, greedy
 
 
-@pytest.mark.parametrize("tree", [DEFAULT_TREES["eagle"], DynamicTree(topk=3, depth=4, num_nodes=10)],
+@pytest.mark.parametrize("tree", [RECORDS["eagle"].default_tree, DynamicTree(topk=3, depth=4, num_nodes=10)],
                          ids=["static", "dynamic"])
 def test_step_view_is_a_verified_path_that_emits_greedy_tokens(shipped, tree):
     model, heads, prompts, greedy = shipped

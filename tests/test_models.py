@@ -88,7 +88,7 @@ def test_a_corrupt_file_in_the_cache_is_refused_and_the_ready_model_survives(reg
 def test_model_arguments_take_directories_and_names_and_name_what_is_wrong(tmp_path):
     assert resolve_model(tmp_path) == tmp_path
     assert resolve_model("small") == SHIPPED["small"]
-    with pytest.raises(ModelCacheError, match="not a model name .*smollm2-135m-instruct"):
+    with pytest.raises(ModelCacheError, match="neither a model directory nor a model name .*smollm2-135m-instruct"):
         resolve_model("no-such-model")
 
 
@@ -98,7 +98,7 @@ def test_programs_reject_an_unknown_model_name_with_status_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--model", "no-such-model"])
     assert exit_info.value.code == 2
-    assert "not a model name" in capsys.readouterr().err
+    assert "neither a model directory nor a model name" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

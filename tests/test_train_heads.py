@@ -146,7 +146,7 @@ def other_base(base_dir, tmp_path_factory):
 @pytest.mark.parametrize("args, message", [
     (["--kind", "lookahead"], "unknown heads kind 'lookahead'; expected one of ['eagle', 'hydra', 'medusa']"),
     (["--base", "{empty}"], "is not a model directory: it has no config.json"),
-    (["--base", "/no/such/model"], "base model directory does not exist: /no/such/model"),
+    (["--base", "/no/such/model"], "/no/such/model is neither a model directory nor a model name"),
     (["--num-heads", "40"], "40 draft heads need sequences of at least 42 tokens"),
     (["--seq-len", "512"], "seq_len (512) exceeds the base model's context (128 positions)"),
     (["--eval-new-tokens", "3"], "eval continuations of 3 tokens cannot score draft depth 3: they need at least 4"),

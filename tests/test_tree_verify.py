@@ -9,8 +9,14 @@ import pytest
 from scipy import stats
 
 from jaxaccel.decoding.sampling import Greedy, Sampler
-from jaxaccel.decoding.tree import DEFAULT_TREES, DynamicTree, Tree, TreeBatch
+from jaxaccel.decoding.tree import DynamicTree, Tree, TreeBatch
 from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
+from jaxaccel.drafters import RECORDS
+
+
+def named_tree(name):
+    """A chain of 4, or a drafter record's default tree."""
+    return Tree.chain(4) if name == "chain" else RECORDS[name].default_tree
 
 
 def test_tree_buffers():
@@ -47,7 +53,7 @@ def reference_greedy(tree, draft_n, logits_nv):
 
 @pytest.mark.parametrize("tree_name", ["chain", "medusa", "eagle"])
 def test_greedy_verdict_follows_the_argmax(tree_name):
-    tree = DEFAULT_TREES[tree_name]
+    tree = named_tree(tree_name)
     rng = np.random.default_rng(0)
     b, n, v = 64, tree.num_nodes, 5
     logits = rng.normal(size=(b, n, v)).astype(np.float32)
@@ -106,7 +112,7 @@ def test_typical_acceptance_accepts_plausible_drafts():
 
 @pytest.mark.parametrize("tree_name", ["chain", "medusa", "eagle"])
 def test_tree_batch_matches_the_static_buffers(tree_name):
-    tree = DEFAULT_TREES[tree_name]
+    tree = named_tree(tree_name)
     layout = tree.batch(2)
     for got, want in [(layout.mask_bnn, tree.mask_nn), (layout.ancestors_bnd, tree.ancestors_nd),
                       (layout.children_bnc, tree.children_nc)]:
@@ -127,7 +133,7 @@ def reference_greedy_parents(parent_n, draft_n, logits_nv):
 
 def test_greedy_verdict_on_per_row_trees():
     """Each row its own tree (the default eagle tree with its nodes shuffled per row)."""
-    tree = DEFAULT_TREES["eagle"]
+    tree = named_tree("eagle")
     rng = np.random.default_rng(1)
     b, n, v = 48, tree.num_nodes, 4
     parent_bn, depth_bn = np.zeros((b, n), np.int32), np.zeros((b, n), np.int32)
@@ -189,13 +195,15 @@ def reference_dynamic_tree(fake, root, start, topk, depth, num_nodes):
 
 @pytest.mark.parametrize("decimals", [4, 0])  # 0: heavy ties and saturated probabilities
 def test_dynamic_eagle_tree_is_prefix_closed_and_best(decimals):
-    from jaxaccel.decoding.drafters import DraftState, DynamicEagleDrafter
+    from jaxaccel.drafters.common import HeadsState
+    from jaxaccel.drafters.eagle import DynamicEagleDrafter
 
     tree = DynamicTree(topk=3, depth=4, num_nodes=12)
     fake = _TokenFeatures(vocab=11, dim=6, decimals=decimals, seed=decimals)
     root_b, start_b = jnp.array([3, 7, 0]), jnp.array([5, 2, 9])
-    state = DraftState(cache=types.SimpleNamespace(lengths=start_b), head_input_bd=jnp.zeros((3, 6)))
-    draft_bn, layout = DynamicEagleDrafter(tree).draft(fake, fake, state, root_b)
+    state = HeadsState(cache=types.SimpleNamespace(lengths=start_b), head_input_bd=jnp.zeros((3, 6)))
+    draft = DynamicEagleDrafter(tree).draft(fake, fake, state, root_b)
+    draft_bn, layout = draft.tokens_bn, draft.tree
     draft_bn, parent_bn, depth_bn = map(np.asarray, (draft_bn, layout.parent_bn, layout.depth_bn))
     for r in range(3):
         assert parent_bn[r, 0] == -1 and depth_bn[r, 0] == 0 and draft_bn[r, 0] == root_b[r]

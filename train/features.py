@@ -16,14 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from jaxaccel.models import model_argument
 from train.common import guarded_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.features", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=model_argument, required=True, help="model directory or model name")
+    p.add_argument("--model", required=True, help="model directory or model name")
     p.add_argument("--responses", type=Path, required=True, help="train.responses output directory")
     p.add_argument("--out", type=Path, required=True, help="feature shard directory (rerun to resume)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
@@ -37,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxaccel.heads.io import base_fingerprint
     from jaxaccel.hf import load_hf
+    from jaxaccel.models import resolve_model
     from jaxaccel.training.features import FeatureExtractor, write_shard
+
+    args.model = resolve_model(args.model)  # a name is prepared on first use
 
     config_file = args.responses / "config.json"
     if not config_file.is_file():

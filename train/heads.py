@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxaccel.models import model_argument
 from train.common import Progress, guarded_main
 
 
@@ -22,7 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (see the module docstring and `--help`)."""
     p = argparse.ArgumentParser(prog="python -m train.heads", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=model_argument, required=True,
+    p.add_argument("--base", required=True,
                    help="base model directory (config.json, *.safetensors, tokenizer.json) or model name")
     p.add_argument("--kind", required=True, help="medusa, hydra or eagle")
     p.add_argument("--out", required=True, help="heads directory (created; rerun to resume)")
@@ -80,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
     from jaxaccel.heads.run import Distillation
     from jaxaccel.sharding import make_mesh
     from jaxaccel.training import MetricsLogger
+    from jaxaccel.models import resolve_model
     from jaxaccel.training.distill import DistillConfig
+
+    args.base = resolve_model(args.base)  # a name is prepared on first use
 
     heads_config = HeadsConfig(kind=args.kind, num_heads=args.num_heads, num_blocks=args.num_blocks,
                                share_lm_head=args.share_lm_head, prefix_layer=args.prefix_layer)

@@ -20,14 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-from jaxaccel.models import model_argument
 from train.common import guarded_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.responses", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=model_argument, required=True, help="model directory or model name")
+    p.add_argument("--model", required=True, help="model directory or model name")
     p.add_argument("--out", type=Path, required=True, help="directory of the shards (rerun to resume)")
     p.add_argument("--prompts-dir", type=Path, help="training prompt files (default: ../shared/data/train_prompts)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -85,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
     from jaxaccel.files import write_atomically, write_json_atomically
     from jaxaccel.heads.io import base_fingerprint
     from jaxaccel.hf import load_hf
+    from jaxaccel.models import resolve_model
     from jaxaccel.training.prompts import read_train_prompts
+
+    args.model = resolve_model(args.model)  # a name is prepared on first use
 
     for name in ("max_new_tokens", "max_prompt_tokens", "batch_size", "shard_size"):
         if getattr(args, name) < 1:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxaccel.decoding.sampling import Greedy, Policy
+from jaxaccel.decoding.speculative import merge_parts
 from jaxaccel.decoding.verify import verify_tree
 
 
@@ -48,14 +48,14 @@ class StepView:
         return [int(self.tokens_n[i]) for i in self.accepted[1:]] + [self.bonus]
 
 
-def _draft_and_verify(graphdef, params, heads_graphdef, heads_params, state, *, policy, drafter):
-    model, heads = nnx.merge(graphdef, params), nnx.merge(heads_graphdef, heads_params)
+def _draft_and_verify(graphdef, params, module_graphdef, module_params, state, *, policy, drafter):
+    model, module = merge_parts(graphdef, params, module_graphdef, module_params)
     # What jaxaccel.decoding.speculative.spec_step does before it commits anything.
-    draft_bn, tree_b = drafter.draft(model, heads, state.draft, state.root_b)
-    positions_bn = state.cache.lengths[:, None] + tree_b.depth_bn
-    out = model.forward(draft_bn, positions_bn, cache=state.cache, mask=tree_b.mask_bnn)
-    verdict = verify_tree(tree_b, draft_bn, out.logits, policy, jax.random.fold_in(state.key, state.step))
-    return draft_bn, tree_b, jnp.argmax(out.logits, axis=-1), verdict
+    draft = drafter.draft(model, module, state.draft, state.root_b)
+    positions_bn = state.cache.lengths[:, None] + draft.tree.depth_bn
+    out = model.forward(draft.tokens_bn, positions_bn, cache=state.cache, mask=draft.tree.mask_bnn)
+    verdict = verify_tree(draft.tree, draft.tokens_bn, out.logits, policy, jax.random.fold_in(state.key, state.step))
+    return draft.tokens_bn, draft.tree, jnp.argmax(out.logits, axis=-1), verdict
 
 
 _draft_and_verify_jit = jax.jit(_draft_and_verify, static_argnums=(0, 2), static_argnames=("policy", "drafter"))
@@ -67,7 +67,7 @@ def inspect_step(decoder, prompt: Sequence[int], *, policy: Policy = Greedy(), s
         raise ValueError("inspect_step needs a non-empty prompt")
     state, _ = decoder.start([list(prompt)], policy=policy, max_new_tokens=decoder.tree.depth + 2, seed=seed)
     draft_bn, tree_b, target_bn, verdict = jax.device_get(_draft_and_verify_jit(
-        decoder.graphdef, decoder.params, decoder.heads_graphdef, decoder.heads_params, state, policy=policy,
+        decoder.graphdef, decoder.params, decoder.module_graphdef, decoder.module_params, state, policy=policy,
         drafter=decoder.drafter))
     count = int(verdict.num_nodes_b[0])
     return StepView(parent_n=np.asarray(tree_b.parent_bn[0]), depth_n=np.asarray(tree_b.depth_bn[0]),

@@ -231,19 +231,6 @@ class Tree:
         return out
 
 
-# Defaults per head kind. Medusa/Hydra heads draft one distribution per depth, so their trees
-# spend most nodes on the first levels; a chain suits a drafter whose top-1 is usually right.
-DEFAULT_TREES = {
-    "chain": Tree.chain(4),
-    "medusa": Tree(((0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0),
-                    (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0, 0))),
-    "hydra": Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0),
-                   (1, 0, 0), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 0, 0))),
-    "eagle": Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0),
-                   (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0))),
-}
-
-
 def save_tree(tree: Tree | DynamicTree, path: str | Path) -> None:
     """Writes a tree as JSON (what `Tree.load` reads)."""
     Path(path).write_text(json.dumps(tree.to_json()))

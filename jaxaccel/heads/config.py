@@ -6,14 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("medusa", "hydra", "eagle")
-
-
 @dataclass(frozen=True)
 class HeadsConfig:
     """Draft heads over a base model's last hidden states.
 
-    Depth k (0-based) drafts the token k + 2 places after the position whose hidden state it
+    `kind` names a trained drafter's record (jaxaccel.drafters.registry). Depth k (0-based) drafts the token k + 2 places after the position whose hidden state it
     reads; the base model itself predicts the token 1 place after. `num_heads` is that depth for
     every kind: the number of heads (medusa, hydra) or of autoregressive draft steps (eagle).
     """
@@ -21,20 +18,22 @@ class HeadsConfig:
     kind: str = "medusa"
     num_heads: int = 4
     num_blocks: int = 1  # residual SiLU blocks per head (medusa, hydra)
-    share_lm_head: bool = False  # medusa, hydra: the base's frozen LM head instead of trained copies of it
-    prefix_layer: bool = False  # hydra++: one causal decoder layer over the base hidden states
+    share_lm_head: bool = False  # the base's frozen LM head instead of trained copies of it (kinds whose record takes it)
+    prefix_layer: bool = False  # hydra++: one causal decoder layer over the base hidden states (likewise)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown heads kind {self.kind!r}; expected one of {sorted(KINDS)}")
+        from jaxaccel.drafters.registry import RECORDS, heads_kinds  # the records import this module
+
+        if self.kind not in heads_kinds():
+            raise ValueError(f"unknown heads kind {self.kind!r}; expected one of {sorted(heads_kinds())}")
         if self.num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}")
-        if self.prefix_layer and self.kind != "hydra":
-            raise ValueError(f"prefix_layer is a hydra option, not one of {self.kind!r}")
-        if self.share_lm_head and self.kind == "eagle":
-            raise ValueError("eagle always uses the base model's LM head; share_lm_head does not apply")
+        for option in ("prefix_layer", "share_lm_head"):  # each kind's record says which it takes
+            if getattr(self, option) and option not in RECORDS[self.kind].heads_options:
+                takers = [name for name in heads_kinds() if option in RECORDS[name].heads_options]
+                raise ValueError(f"{option} is a {' / '.join(takers)} option, not one of {self.kind!r}")
 
     def replace(self, **overrides: Any) -> HeadsConfig:
         """A copy with some fields changed (validated again)."""

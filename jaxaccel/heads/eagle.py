@@ -1,4 +1,4 @@
-"""EAGLE-style drafter: one decoder layer that drafts autoregressively over features.
+"""EAGLE-style draft heads: one decoder layer that drafts autoregressively over features.
 
 Entry i of the draft sequence sits at position i and fuses the feature at i (the base's last
 hidden state there, or the drafter's own prediction of it) with the embedding of the token at
@@ -14,13 +14,13 @@ earlier draft entries — a block mask over the D copies of the sequence.
 
 Drafting API (issue 6), the base model's forward semantics with a one-layer KVCache:
 
-    cache = drafter.init_cache(B, max_len)
+    cache = heads.init_cache(B, max_len)
     # after the base's prefill of right-padded prompts: entry i = (base hidden at i, token at i + 1),
     # where the token after each prompt's last one is the base's first sampled token
-    out = drafter.forward(base, base_hidden_bsd, next_tokens_bs, cache=cache)
+    out = heads.forward(base, base_hidden_bsd, next_tokens_bs, cache=cache)
     cache = out.cache.advance(prompt_lengths_b)
     # then per draft step: n entries at given positions, with a mask among them
-    out = drafter.forward(base, feats_bnd, tokens_bn, positions_bn, cache=cache, mask=tree_mask_nn)
+    out = heads.forward(base, feats_bnd, tokens_bn, positions_bn, cache=cache, mask=tree_mask_nn)
     # out.features [B, n, d]: predicted feature at position + 1; out.logits [B, n, V]: token at
     # position + 2; out.cache: the n entries written at lengths.. but not committed
 
@@ -63,7 +63,9 @@ def unroll_mask(length: int, steps: int) -> np.ndarray:
     return np.block(blocks)
 
 
-class EagleDrafter(nnx.Module):
+class EagleHeads(nnx.Module):
+    """The EAGLE draft layer (the module doc gives its drafting API; jaxaccel.drafters.eagle drafts with it)."""
+
     def __init__(self, config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.layer_config = decoder_config(base_config)

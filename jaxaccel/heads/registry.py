@@ -1,4 +1,7 @@
-"""The registry of head kinds, and heads <-> flat parameter dicts (for optax, orbax, safetensors)."""
+"""Heads modules by kind, and heads <-> flat parameter dicts (for optax, orbax, safetensors).
+
+A kind is a trained drafter's record (jaxaccel.drafters.registry): its `module` is the class built here.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +10,18 @@ from flax import nnx
 
 from jaxaccel.config import ModelConfig
 from jaxaccel.heads.config import HeadsConfig
-from jaxaccel.heads.eagle import EagleDrafter
-from jaxaccel.heads.hydra import HydraHeads
-from jaxaccel.heads.medusa import MedusaHeads
 from jaxaccel.model import Transformer
 from jaxaccel.training.steps import ModelParts
 
-REGISTRY = {"medusa": MedusaHeads, "hydra": HydraHeads, "eagle": EagleDrafter}
-Heads = MedusaHeads | HydraHeads | EagleDrafter
+Heads = nnx.Module  # any trained drafter's module (MedusaHeads, HydraHeads, EagleHeads, ...)
 
 
 def make_heads(config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs) -> Heads:
     """The heads module of `config.kind` for a base model of `base_config` (not yet initialised
     from the base: call `init_from_base`)."""
-    return REGISTRY[config.kind](config, base_config, rngs=rngs)
+    from jaxaccel.drafters.registry import get_record  # the records import the heads modules
+
+    return get_record(config.kind).module(config, base_config, rngs=rngs)
 
 
 class HeadParts(ModelParts):

@@ -34,7 +34,7 @@ from jaxaccel.heads.registry import HeadParts
 from jaxaccel.hf import ModelDirectoryError, load_hf
 from jaxaccel.sharding import make_mesh
 from jaxaccel.training import loop, optim
-from jaxaccel.training.distill import DistillConfig, init_state_fn, make_distill_step
+from jaxaccel.training.distill import DistillConfig, init_state_fn, make_distill_step, train_depth
 from jaxaccel.training.steps import ModelParts, put_global, tokens_sharding, train_state_shardings
 
 GENERATION_STEP = 2**40  # the batch_at "step" that picks the generation prompts: never a training step
@@ -44,7 +44,7 @@ def check_setup(heads_config: HeadsConfig, config: DistillConfig, context: int) 
     """Errors that name the problem: sequences longer than the context, more heads than fit."""
     if config.seq_len > context:
         raise ValueError(f"seq_len ({config.seq_len}) exceeds the base model's context ({context} positions)")
-    depth = max(heads_config.num_heads, config.unroll if heads_config.kind == "eagle" else 0)
+    depth = max(heads_config.num_heads, train_depth(heads_config, config))
     if depth + 2 > config.seq_len:
         raise ValueError(f"{depth} draft heads need sequences of at least {depth + 2} tokens (head k drafts "
                          f"the token k + 2 places ahead), but seq_len is {config.seq_len} "

@@ -42,7 +42,7 @@ class DistillConfig:
     loss: str = "kl"  # kl: the base's distribution (self-distillation); ce: the text's next tokens
     depth_decay: float = 0.8  # depth k's loss weighs depth_decay ** k
     feature_weight: float = 1.0  # eagle: weight of the smooth-L1 feature regression
-    unroll: int = 1  # eagle: draft steps unrolled in training on its own features (1: teacher forcing)
+    unroll: int = 1  # autoregressive drafters (eagle): draft steps unrolled on their own features (1: teacher forcing)
     generated_rows: int = 0  # > 0: a pool of the base's own continuations of train-split prompts
     generated_fraction: float = 0.5  # share of each batch's rows taken from that pool
     generate_temperature: float = 0.0
@@ -83,9 +83,11 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
-def train_depth(kind: str, num_heads: int, config: DistillConfig) -> int:
-    """Draft depths trained per step: every head, or eagle's unrolled steps."""
-    return config.unroll if kind == "eagle" else num_heads
+def train_depth(heads_config, config: DistillConfig) -> int:
+    """Draft depths trained per step: the kind's record's training rule (every head, eagle's unrolled steps)."""
+    from jaxaccel.drafters.registry import get_record  # the records import the heads modules
+
+    return get_record(heads_config.kind).train_depth(heads_config, config)
 
 
 def distill_loss(draft: DraftOutput, base_logits_btv: jax.Array, base_hidden_btd: jax.Array,
@@ -139,7 +141,7 @@ def make_distill_step(base_parts: ModelParts, head_parts: HeadParts, optimizer: 
     tokens_bt1 [B, T+1]: the base reads tokens[:, :-1]; ce targets come from tokens[:, 2:].
     metrics: loss, per-depth loss_k / top1_k (and feature_loss_k), grad_norm, lr.
     """
-    depth = train_depth(head_parts.config.kind, head_parts.config.num_heads, config)
+    depth = train_depth(head_parts.config, config)
 
     def step(state, base_params, tokens_bt1):
         base = base_parts.merge(base_params)

@@ -1,0 +1,48 @@
+"""Pieces the trained-heads drafters share: their state and the rank-tree helpers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxaccel.cache import KVCache
+from jaxaccel.decoding.tree import Tree
+from jaxaccel.decoding.verify import Verdict
+
+
+@struct.dataclass
+class HeadsState:
+    """What a heads drafter carries between steps (each drafter's doc gives its invariants)."""
+    cache: KVCache | None  # the heads' own cache (None for medusa and plain hydra)
+    head_input_bd: jax.Array  # [B, d] what the heads read at the last committed position
+
+
+def top_ranks(logits_xv: jax.Array, k: int) -> jax.Array:
+    """[..., k] the k most likely tokens, best first."""
+    return jax.lax.top_k(logits_xv, k)[1].astype(jnp.int32)
+
+
+def last_prompt_state(hidden_bsd: jax.Array, lengths_b: jax.Array) -> jax.Array:
+    """[B, d] the state at each prompt's last position."""
+    return jnp.take_along_axis(hidden_bsd, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
+
+
+def at_last_accepted(x_bnd: jax.Array, verdict: Verdict, along_path: bool = False) -> jax.Array:
+    """x at the last accepted node; x is indexed by tree node, or (along_path) by depth on the path."""
+    depth_b = verdict.num_nodes_b - 1
+    node_b = depth_b if along_path else jnp.take_along_axis(verdict.path_bd, depth_b[:, None], axis=1)[:, 0]
+    return jnp.take_along_axis(x_bnd, node_b[:, None, None], axis=1)[:, 0]
+
+
+def place_children(tree: Tree, draft_bn: jax.Array, depth: int, top_bpr: jax.Array, parents: np.ndarray):
+    """Writes the depth-`depth` nodes' tokens: the child of rank r under parents[p] takes top_bpr[:, p, r]."""
+    nodes = np.flatnonzero(tree.depth_n == depth)
+    parent_pos = np.searchsorted(parents, tree.parent_n[nodes])
+    return draft_bn.at[:, nodes].set(top_bpr[:, parent_pos, tree.rank_n[nodes]])
+
+
+def root_only(tree: Tree, root_b: jax.Array) -> jax.Array:
+    """[B, N] int32: the root's token at node 0, zeros elsewhere."""
+    return jnp.zeros((root_b.shape[0], tree.num_nodes), jnp.int32).at[:, 0].set(root_b)

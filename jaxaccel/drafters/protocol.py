@@ -1,0 +1,74 @@
+"""The drafter protocol: what the speculative loop asks of every drafting method.
+
+A drafter is a frozen, hashable object (a static `jit` argument) with
+
+    tree                                      a Tree or DynamicTree: the static size of what it drafts
+    module                                    its trained parameters (an NNX module), or None
+    start(base, module, prefill) -> state     once, after the base's prefill
+    draft(base, module, state, root_b) -> Draft
+    commit(base, module, state, verified) -> state   after every verify pass
+
+`state` is any pytree the drafter chooses (a heads cache, a token buffer, a table); it must keep
+its shapes from step to step. The loop splits `module` off the drafter once and hands it back,
+merged, to every method: a drafter's own fields are static, its parameters never are. Drafts are
+point masses (one token per node): verification's recursive rejection sampling accepts a draft
+token x with probability p(x) and otherwise samples from p without x, which is lossless for any
+deterministic draft (see jaxaccel.decoding.verify). A drafter that samples its drafts from a
+distribution q would need q in `Draft` and the q-aware rule; none does yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+from flax import struct
+
+from jaxaccel.decoding.tree import DynamicTree, Tree, TreeBatch
+from jaxaccel.decoding.verify import Verdict
+
+
+@struct.dataclass
+class Draft:
+    """One step's drafted tree: node tokens (node 0 the root: the base's token, already emitted)
+    and each row's tree shape (the static tree broadcast, or each row's own)."""
+    tokens_bn: jax.Array  # [B, N] int32
+    tree: TreeBatch
+
+
+@struct.dataclass
+class Prefill:
+    """What a drafter sees once: the prompts and the base's prefill."""
+    hidden_bsd: jax.Array  # [B, S, d] the base's last hidden states over the right-padded prompts
+    tokens_bs: jax.Array  # [B, S] the prompts, right-padded
+    lengths_b: jax.Array  # [B] prompt lengths
+    first_b: jax.Array  # [B] the base's first token: emitted, the first step's root
+    cache_len: int = struct.field(pytree_node=False)  # positions the base's cache holds
+
+
+@struct.dataclass
+class Verified:
+    """What a drafter sees after a verify pass: its draft, the base's outputs over it, the verdict."""
+    draft: Draft
+    hidden_bnd: jax.Array  # [B, N, d] the base's last hidden state at each node
+    logits_bnv: jax.Array  # [B, N, V] the base's next-token logits after each node
+    verdict: Verdict
+    lengths_b: jax.Array  # [B] the base cache's length before the step (the root's position)
+
+    @property
+    def emitted_bd(self) -> jax.Array:
+        """[B, depth + 1] the tokens this step emitted (accepted drafts, then the new root); the
+        first `verdict.num_nodes_b` of each row are real."""
+        return self.verdict.emitted(self.draft.tokens_bn)
+
+
+class Drafter(Protocol):
+    """See the module doc."""
+    tree: Tree | DynamicTree
+    module: Any
+
+    def start(self, base, module, prefill: Prefill) -> Any: ...
+
+    def draft(self, base, module, state: Any, root_b: jax.Array) -> Draft: ...
+
+    def commit(self, base, module, state: Any, verified: Verified) -> Any: ...

@@ -1,0 +1,76 @@
+"""The drafter registry: one record per drafting method, and `make_drafter`.
+
+    make_drafter("pld")                          prompt lookup, default options
+    make_drafter("pld:depth=6,branches=2")       NAME:key=value,... (the CLIs' --drafter)
+    make_drafter(heads=heads, tree=tree)         trained heads: their kind's record
+    SpeculativeDecoder(model, drafter)
+
+Adding a drafter is one new file plus one record:
+  1. jaxaccel/drafters/NAME.py: a frozen dataclass with `tree`, `module` (None unless trained) and
+     the three methods of jaxaccel.drafters.protocol (start, draft, commit), its state any pytree
+     of static shapes; at the bottom, `RECORD = DrafterRecord(name=..., summary=..., make=...)`
+     (and, for trained heads, the NNX `module` class, `train_depth`, `heads_options`).
+  2. Its record in RECORDS below (or `register(RECORD)` from outside, as tests/test_drafters.py does).
+The loop, the CLIs (--drafter NAME:options), `python -m infer.drafters`, `make_heads` and
+`train.heads` then know it; nothing else branches on its name.
+"""
+
+from __future__ import annotations
+
+from jaxaccel.drafters import eagle, hydra, medusa, pld, recycling
+from jaxaccel.drafters.protocol import Drafter
+from jaxaccel.drafters.record import DrafterRecord
+
+RECORDS: dict[str, DrafterRecord] = {r.name: r for r in (medusa.RECORD, hydra.RECORD, eagle.RECORD, pld.RECORD,
+                                                         recycling.RECORD)}
+
+
+def register(record: DrafterRecord) -> DrafterRecord:
+    """Adds (or replaces) a record."""
+    RECORDS[record.name] = record
+    return record
+
+
+def get_record(name: str) -> DrafterRecord:
+    """The record of a drafting method (ValueError naming the known ones)."""
+    if name not in RECORDS:
+        raise ValueError(f"unknown drafter {name!r}; known: {', '.join(RECORDS)}")
+    return RECORDS[name]
+
+
+def heads_kinds() -> tuple[str, ...]:
+    """The methods with trained heads (HeadsConfig.kind values)."""
+    return tuple(name for name, r in RECORDS.items() if r.trained)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, int | float | str]]:
+    """'NAME' or 'NAME:key=value,...' -> (name, options); numbers become int or float."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--drafter {spec}: expected NAME or NAME:key=value,... (got {item!r})")
+        options[key.strip()] = _number(value.strip())
+    return name.strip(), options
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def make_drafter(spec: str | None = None, *, heads=None, tree=None) -> Drafter:
+    """The drafter of `spec` ('NAME[:options]'), of trained `heads` (their kind's record), or both
+    when they agree; `tree` overrides the record's default tree."""
+    if spec is None and heads is None:
+        raise ValueError("make_drafter needs a drafter name or trained heads")
+    name, options = parse_spec(spec) if spec is not None else (heads.config.kind, {})
+    record = get_record(name)
+    if heads is not None and record.trained and heads.config.kind != name:
+        raise ValueError(f"--drafter {name} with {heads.config.kind} heads: the heads' kind decides their drafter")
+    return record.build(module=heads, tree=tree, **options)
