@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
         "ours": {**ours, "tokens": our_tokens}, "transformers": hf, "floor": floor,
         "ratios": {"step_over_floor": ours["step_s"] / floor["seconds"]},
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python -m infer.bench " + shlex.join(args.argv),
     }
     if hf:
         report["ratios"]["ours_over_transformers_tokens_per_s"] = ours["tokens_per_s"] / hf["tokens_per_s"]
