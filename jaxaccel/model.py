@@ -32,6 +32,7 @@ class ForwardOutput:
     logits: jax.Array  # [B, n, V] float32
     hidden: jax.Array  # [B, n, d] last hidden states, after the final norm
     cache: KVCache | None  # with the new tokens' K/V written, not committed
+    captured: jax.Array | None = None  # [B, n, k, d] residual stream after each `capture` layer (EAGLE-3's features)
 
 
 class DecoderLayer(nnx.Module):
@@ -70,16 +71,19 @@ class Transformer(nnx.Module):
         return self.forward(tokens_bt).logits
 
     def forward(self, tokens_bn: jax.Array, positions_bn: jax.Array | None = None, *,
-                cache: KVCache | None = None, mask: jax.Array | None = None) -> ForwardOutput:
+                cache: KVCache | None = None, mask: jax.Array | None = None,
+                capture: tuple[int, ...] = ()) -> ForwardOutput:
         """Runs n tokens per row. `positions_bn` default: consecutive after the cache (or from 0).
-        `mask` [n, n] or [B, n, n] (query, key) among the new tokens; default causal."""
+        `mask` [n, n] or [B, n, n] (query, key) among the new tokens; default causal. `capture`:
+        layer indices whose output (the residual stream after the layer) comes back as `captured`."""
         check_tokens(tokens_bn, self.config.vocab_size)
         if cache is None and tokens_bn.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {tokens_bn.shape[1]} tokens is longer than the model's context "
                              f"({self.config.max_position_embeddings} positions)")
-        x_bnd, new_cache = run_layers(self.layers, self.embed_tokens(tokens_bn), positions_bn, cache=cache, mask=mask)
+        x_bnd, new_cache, captured = run_layers(self.layers, self.embed_tokens(tokens_bn), positions_bn, cache=cache,
+                                                mask=mask, capture=capture)
         hidden_bnd = self.norm(x_bnd)
-        return ForwardOutput(logits=self.logits(hidden_bnd), hidden=hidden_bnd, cache=new_cache)
+        return ForwardOutput(logits=self.logits(hidden_bnd), hidden=hidden_bnd, cache=new_cache, captured=captured)
 
     def logits(self, hidden_bnd: jax.Array) -> jax.Array:
         """The LM head (tied or not), in float32."""
@@ -102,15 +106,19 @@ class Transformer(nnx.Module):
 
 
 def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, *, cache: KVCache | None = None,
-               mask: jax.Array | None = None, duo_gates: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               mask: jax.Array | None = None, duo_gates: jax.Array | None = None,
+               capture: tuple[int, ...] = ()) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
     """Decoder layers over n new entries per row, with the forward-pass semantics above: positions
     default consecutive after the cache (or from 0), mask [n, n] or [B, n, n] default causal, new
     entries recorded in each layer's cache entry but not committed. What the layers share (which
     keys each query sees) is worked out once per pass in a ForwardContext, not in every layer.
     Also runs the draft heads' own decoder layers (one-layer caches). `duo_gates` [layers, Hkv]
     (training without a cache): duo layers mix full and streaming attention per KV head
-    (jaxaccel.training.gates)."""
+    (jaxaccel.training.gates). Returns (x, cache, the states after the `capture` layers [B, n, k, d]
+    or None)."""
     b, n = x_bnd.shape[:2]
+    if any(not 0 <= i < len(layers) for i in capture):
+        raise ValueError(f"capture layers {tuple(capture)} are not all among the {len(layers)} layers")
     if cache is not None:
         check_capacity(cache, n)
     if positions_bn is None:
@@ -119,11 +127,14 @@ def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, 
     mask_bnn = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)) if mask is None else mask, (b, n, n))
     ctx = ForwardContext(positions_bn, mask_bnn, None if cache is None else cache.lengths, causal=mask is None,
                          sliding_window=layers[0].self_attn.config.sliding_window, duo_gates=duo_gates)
-    entries = []
+    entries, states = [], {}
     for i, layer in enumerate(layers):
         x_bnd, entry = layer(x_bnd, ctx, None if cache is None else cache.layers[i])
         entries.append(entry)
-    return x_bnd, None if cache is None else cache.replace(layers=tuple(entries))
+        if i in capture:
+            states[i] = x_bnd
+    captured = jnp.stack([states[i] for i in capture], axis=2) if capture else None
+    return x_bnd, None if cache is None else cache.replace(layers=tuple(entries)), captured
 
 
 def check_tokens(tokens_bn, vocab_size: int) -> None:

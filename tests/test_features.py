@@ -18,7 +18,7 @@ def test_layer_features_are_the_forward_pass_read_at_the_cuts(tmp_path):
     layers_btkd, hidden_btd = layer_features(model, tokens, cuts)
     np.testing.assert_allclose(hidden_btd, model.forward(tokens).hidden, atol=1e-5)
     for k, cut in enumerate(cuts):
-        alone, _ = run_layers(model.layers[:cut + 1], model.embed_tokens(tokens))
+        alone, _, _ = run_layers(model.layers[:cut + 1], model.embed_tokens(tokens))
         np.testing.assert_allclose(layers_btkd[:, :, k], alone, atol=1e-5)
 
 

@@ -53,13 +53,14 @@ def spec_prefill(graphdef, params, module_graphdef, module_params, cache: KVCach
                  key, *, policy: Policy, drafter, max_new_tokens: int) -> SpecState:
     """Prefills the prompts, draws each row's first token and starts the drafter."""
     model, module = merge_parts(graphdef, params, module_graphdef, module_params)
-    out = model.prefill(tokens_bs, lengths_b, cache)
+    out = model.forward(tokens_bs, cache=cache, capture=base_layers(drafter))
+    out = out.replace(cache=out.cache.advance(lengths_b))
     last_b1d = jnp.take_along_axis(out.hidden, (lengths_b - 1)[:, None, None], axis=1)
     first_b = sample_policy(policy)(model.logits(last_b1d)[:, 0], jax.random.fold_in(key, 0))
     result = DecodeResult.empty(tokens_bs.shape[0], max_new_tokens).append(
         first_b[:, None], jnp.ones_like(lengths_b), stop_ids)
     draft = drafter.start(model, module, Prefill(hidden_bsd=out.hidden, tokens_bs=tokens_bs, lengths_b=lengths_b,
-                                                 first_b=first_b, cache_len=cache.max_len))
+                                                 first_b=first_b, cache_len=cache.max_len, captured_bskd=out.captured))
     return SpecState(cache=out.cache, draft=draft, result=result, root_b=first_b, key=key, step=jnp.int32(1))
 
 
@@ -67,10 +68,11 @@ def spec_step(model: Transformer, module, state: SpecState, stop_ids, *, policy,
     """Draft, verify, accept, commit: one base forward pass for every row."""
     draft = drafter.draft(model, module, state.draft, state.root_b)
     positions_bn = state.cache.lengths[:, None] + draft.tree.depth_bn
-    out = model.forward(draft.tokens_bn, positions_bn, cache=state.cache, mask=draft.tree.mask_bnn)
+    out = model.forward(draft.tokens_bn, positions_bn, cache=state.cache, mask=draft.tree.mask_bnn,
+                        capture=base_layers(drafter))
     verdict = verify_tree(draft.tree, draft.tokens_bn, out.logits, policy, jax.random.fold_in(state.key, state.step))
     verified = Verified(draft=draft, hidden_bnd=out.hidden, logits_bnv=out.logits, verdict=verdict,
-                        lengths_b=state.cache.lengths)
+                        lengths_b=state.cache.lengths, captured_bnkd=out.captured)
     active_b = ~state.result.done_b
     return SpecState(
         cache=out.cache.keep(verdict.path_bd, jnp.where(active_b, verdict.num_nodes_b, 0)),
@@ -110,6 +112,11 @@ spec_loop_jit = jax.jit(spec_loop, static_argnums=(0, 2), static_argnames=("poli
 spec_chunk_jit = jax.jit(spec_chunk, static_argnums=(0, 2), static_argnames=("policy", "drafter"),
                          donate_argnames=("state",))
 spec_single_step_jit = jax.jit(spec_single_step, static_argnums=(0, 2), static_argnames=("policy", "drafter"))
+
+
+def base_layers(drafter) -> tuple[int, ...]:
+    """The base layers whose outputs the drafter reads (`capture`; EAGLE-3's low/middle/high), or none."""
+    return tuple(getattr(drafter, "capture", ()))
 
 
 def sample_policy(policy) -> Policy:

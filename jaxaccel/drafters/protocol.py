@@ -4,6 +4,9 @@ A drafter is a frozen, hashable object (a static `jit` argument) with
 
     tree                                      a Tree or DynamicTree: the static size of what it drafts
     module                                    its trained parameters (an NNX module), or None
+    capture  (optional)                       base layer indices whose outputs it reads (EAGLE-3's
+                                              low/middle/high features): they arrive as `captured`
+                                              in Prefill and Verified
     start(base, module, prefill) -> state     once, after the base's prefill
     draft(base, module, state, root_b) -> Draft
     commit(base, module, state, verified) -> state   after every verify pass
@@ -44,6 +47,7 @@ class Prefill:
     lengths_b: jax.Array  # [B] prompt lengths
     first_b: jax.Array  # [B] the base's first token: emitted, the first step's root
     cache_len: int = struct.field(pytree_node=False)  # positions the base's cache holds
+    captured_bskd: jax.Array | None = None  # [B, S, k, d] the base's states after the drafter's `capture` layers
 
 
 @struct.dataclass
@@ -54,6 +58,7 @@ class Verified:
     logits_bnv: jax.Array  # [B, N, V] the base's next-token logits after each node
     verdict: Verdict
     lengths_b: jax.Array  # [B] the base cache's length before the step (the root's position)
+    captured_bnkd: jax.Array | None = None  # [B, N, k, d] the base's states after the drafter's `capture` layers
 
     @property
     def emitted_bd(self) -> jax.Array:

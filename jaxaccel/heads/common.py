@@ -100,4 +100,5 @@ def zero_residual_branches(layer) -> None:
 def run_decoder_layer(layer, x_bnd: jax.Array, positions_bn: jax.Array | None = None, *,
                       cache: KVCache | None = None, mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """One DecoderLayer with the base model's forward semantics (a one-layer KVCache)."""
-    return run_layers([layer], x_bnd, positions_bn, cache=cache, mask=mask)
+    x_bnd, cache, _ = run_layers([layer], x_bnd, positions_bn, cache=cache, mask=mask)
+    return x_bnd, cache

@@ -51,7 +51,7 @@ def layer_features(model: Transformer, tokens_bt: jax.Array, layers: tuple[int, 
     states, done = [], 0
     for cut in (*layers, len(model.layers) - 1):
         if cut + 1 > done:  # a repeated cut reads the same state again
-            x_btd, _ = run_layers(model.layers[done:cut + 1], x_btd)
+            x_btd, _, _ = run_layers(model.layers[done:cut + 1], x_btd)
             done = cut + 1
         states.append(x_btd)
     return jnp.stack(states[:-1], axis=2), model.norm(states[-1])

@@ -52,7 +52,7 @@ def as_duo(model: Transformer, retrieval_heads: tuple[tuple[bool, ...], ...], si
 
 def gated_hidden(model: Transformer, tokens_bt: jax.Array, gates_lk: jax.Array) -> jax.Array:
     """Final hidden states [B, T, d] with every duo layer mixing full and streaming attention."""
-    x_btd, _ = run_layers(model.layers, model.embed_tokens(tokens_bt), duo_gates=gates_lk)
+    x_btd, _, _ = run_layers(model.layers, model.embed_tokens(tokens_bt), duo_gates=gates_lk)
     return model.norm(x_btd)
 
 
