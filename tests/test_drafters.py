@@ -59,7 +59,7 @@ class RepeatLast:
     def start(self, base, module, prefill: Prefill) -> ToyState:
         return ToyState(last_b=jnp.take_along_axis(prefill.tokens_bs, prefill.lengths_b[:, None] - 1, axis=1)[:, 0])
 
-    def draft(self, base, module, state: ToyState, root_b) -> Draft:
+    def draft(self, base, module, state: ToyState, root_b, cache) -> Draft:
         chain_bd = jnp.broadcast_to(state.last_b[:, None], (root_b.shape[0], self.depth))
         return Draft(jnp.concatenate([root_b[:, None], chain_bd], axis=1), self.tree.batch(root_b.shape[0]))
 
@@ -127,7 +127,7 @@ def lookup(drafter, text, size=16):
     tokens = np.full((1, size), -1, np.int32)
     tokens[0, :len(text)] = text
     state = LookupState(tokens_bl=jnp.asarray(tokens), length_b=jnp.array([len(text)]))
-    draft = drafter.draft(None, None, state, jnp.array([text[-1]]))
+    draft = drafter.draft(None, None, state, jnp.array([text[-1]]), None)
     return np.asarray(draft.tokens_bn[0]).tolist()
 
 

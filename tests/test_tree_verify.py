@@ -202,7 +202,7 @@ def test_dynamic_eagle_tree_is_prefix_closed_and_best(decimals):
     fake = _TokenFeatures(vocab=11, dim=6, decimals=decimals, seed=decimals)
     root_b, start_b = jnp.array([3, 7, 0]), jnp.array([5, 2, 9])
     state = HeadsState(cache=types.SimpleNamespace(lengths=start_b), head_input_bd=jnp.zeros((3, 6)))
-    draft = DynamicEagleDrafter(tree).draft(fake, fake, state, root_b)
+    draft = DynamicEagleDrafter(tree).draft(fake, fake, state, root_b, None)
     draft_bn, layout = draft.tokens_bn, draft.tree
     draft_bn, parent_bn, depth_bn = map(np.asarray, (draft_bn, layout.parent_bn, layout.depth_bn))
     for r in range(3):

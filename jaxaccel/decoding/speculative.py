@@ -66,7 +66,7 @@ def spec_prefill(graphdef, params, module_graphdef, module_params, cache: KVCach
 
 def spec_step(model: Transformer, module, state: SpecState, stop_ids, *, policy, drafter) -> SpecState:
     """Draft, verify, accept, commit: one base forward pass for every row."""
-    draft = drafter.draft(model, module, state.draft, state.root_b)
+    draft = drafter.draft(model, module, state.draft, state.root_b, state.cache)
     positions_bn = state.cache.lengths[:, None] + draft.tree.depth_bn
     out = model.forward(draft.tokens_bn, positions_bn, cache=state.cache, mask=draft.tree.mask_bnn,
                         capture=base_layers(drafter))

@@ -38,7 +38,7 @@ class EagleDrafter:
         cache = heads.forward(base, prefill.hidden_bsd, next_bs, cache=cache).cache.advance(lengths_b - 1)
         return HeadsState(cache=cache, head_input_bd=last_prompt_state(prefill.hidden_bsd, lengths_b))
 
-    def draft(self, base, heads, state: HeadsState, root_b: jax.Array) -> Draft:
+    def draft(self, base, heads, state: HeadsState, root_b: jax.Array, cache) -> Draft:
         tree = self.tree
         b, d = state.head_input_bd.shape
         draft_bn = root_only(tree, root_b)
@@ -75,7 +75,7 @@ class DynamicEagleDrafter(EagleDrafter):
 
     tree: DynamicTree
 
-    def draft(self, base, heads, state: HeadsState, root_b: jax.Array) -> Draft:
+    def draft(self, base, heads, state: HeadsState, root_b: jax.Array, cache) -> Draft:
         k, depth = self.tree.topk, self.tree.depth
         b = root_b.shape[0]
         rows_b1 = jnp.arange(b)[:, None]

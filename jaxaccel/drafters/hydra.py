@@ -33,7 +33,7 @@ class HydraDrafter:
             cache = cache.advance(prefill.lengths_b)
         return HeadsState(cache=cache, head_input_bd=last_prompt_state(h_bsd, prefill.lengths_b))
 
-    def draft(self, base, heads, state: HeadsState, root_b) -> Draft:
+    def draft(self, base, heads, state: HeadsState, root_b, cache) -> Draft:
         tree = self.tree
         tokens_bn = root_only(tree, root_b)
         for k in range(tree.depth):

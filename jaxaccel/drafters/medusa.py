@@ -28,7 +28,7 @@ class MedusaDrafter:
     def start(self, base, heads, prefill: Prefill) -> HeadsState:
         return HeadsState(cache=None, head_input_bd=last_prompt_state(prefill.hidden_bsd, prefill.lengths_b))
 
-    def draft(self, base, heads, state: HeadsState, root_b) -> Draft:
+    def draft(self, base, heads, state: HeadsState, root_b, cache) -> Draft:
         tree = self.tree
         top_kbr = top_ranks(heads(base, state.head_input_bd, tree.depth), tree.max_rank)
         nodes = np.arange(1, tree.num_nodes)

@@ -58,7 +58,7 @@ class PromptLookup:
         tokens_bl = tokens_bl.at[jnp.arange(b), prefill.lengths_b].set(prefill.first_b)
         return LookupState(tokens_bl=tokens_bl, length_b=prefill.lengths_b + 1)
 
-    def draft(self, base, module, state: LookupState, root_b) -> Draft:
+    def draft(self, base, module, state: LookupState, root_b, cache) -> Draft:
         tokens_bl, length_b = state.tokens_bl, state.length_b
         b, size = tokens_bl.shape
         slot_l = jnp.arange(size)

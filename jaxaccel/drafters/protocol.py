@@ -8,7 +8,12 @@ A drafter is a frozen, hashable object (a static `jit` argument) with
                                               low/middle/high features): they arrive as `captured`
                                               in Prefill and Verified
     start(base, module, prefill) -> state     once, after the base's prefill
-    draft(base, module, state, root_b) -> Draft
+    draft(base, module, state, root_b, cache) -> Draft
+                                              `cache`: the base's KVCache, committed through the
+                                              position before the root (layer skipping drafts with
+                                              the base's own K/V); read-only in effect: what a
+                                              drafter writes into its copy never reaches the loop,
+                                              whose verify pass writes every node's K/V itself
     commit(base, module, state, verified) -> state   after every verify pass
 
 `state` is any pytree the drafter chooses (a heads cache, a token buffer, a table); it must keep
@@ -74,6 +79,6 @@ class Drafter(Protocol):
 
     def start(self, base, module, prefill: Prefill) -> Any: ...
 
-    def draft(self, base, module, state: Any, root_b: jax.Array) -> Draft: ...
+    def draft(self, base, module, state: Any, root_b: jax.Array, cache: Any) -> Draft: ...
 
     def commit(self, base, module, state: Any, verified: Verified) -> Any: ...

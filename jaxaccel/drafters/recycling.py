@@ -47,7 +47,7 @@ class TokenRecycling:
         table_bvk = table_bvk.at[jnp.arange(b)[:, None], keys_bs, 0].set(next_bs.astype(jnp.int32), mode="drop")
         return RecyclingState(table_bvk=table_bvk)
 
-    def draft(self, base, module, state: RecyclingState, root_b) -> Draft:
+    def draft(self, base, module, state: RecyclingState, root_b, cache) -> Draft:
         tree = self.tree
         rows_b1 = jnp.arange(root_b.shape[0])[:, None]
         tokens_bn = root_only(tree, root_b)
