@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, Callable
@@ -34,3 +35,20 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) ->
 def write_json_atomically(target: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
     """`obj` as indented JSON at `target`, atomically (see `write_atomically`)."""
     write_atomically(target, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=sort_keys)))
+
+
+def replace_directory(build: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Renames the complete directory `build` to `out`; an existing `out` is moved aside first and
+    removed only once the new one is in place (put back if the rename fails)."""
+    build, out = Path(build), Path(out)
+    if not out.exists():
+        os.replace(build, out)
+        return
+    old = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.old")
+    os.replace(out, old)
+    try:
+        os.replace(build, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxaccel.files import write_atomically, write_json_atomically
+from jaxaccel.files import replace_directory, write_atomically, write_json_atomically
 from jaxaccel.gguf_import.families import GGUF_FAMILIES, GGUFFamily
 from jaxaccel.gguf_import.layout import Layout
 from jaxaccel.gguf_import.reader import GGUFError, open_gguf, read_metadata, read_tensor
@@ -100,21 +99,6 @@ def generation_config(meta: dict[str, Any], stop_tokens: tuple[str, ...] = ()) -
     if meta.get("tokenizer.ggml.padding_token_id") is not None:
         config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
     return config
-
-
-def replace_directory(build: Path, out: Path) -> None:
-    """Renames `build` to `out`; an existing `out` is moved aside first and removed only afterwards."""
-    if not out.exists():
-        os.replace(build, out)
-        return
-    old = out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.old")
-    os.replace(out, old)
-    try:
-        os.replace(build, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", **overrides: Any):

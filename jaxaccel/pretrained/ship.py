@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxaccel.files import replace_directory
 from jaxaccel.pretrained.manifest import FORMAT, MANIFEST_FILE, describe_files
 from jaxaccel.pretrained.provenance import heads_command, pretrain_command
 
@@ -87,19 +88,27 @@ def ship(run_dir: str | os.PathLike, dest: str | os.PathLike, kinds: Sequence[st
     if tuned:
         commands.append(tune_command(shown, tuned))
 
+    return publish(dest, plan, {"run_dir": shown, "commands": commands,
+                                "base_eval": _read_json(run_dir / "eval.json"),
+                                "heads_eval": {k: _read_json(run_dir / "heads" / k / "eval.json") for k in kinds}},
+                   readme)
+
+
+def publish(dest: Path, plan: dict[str, Path], fields: dict[str, Any], readme_of) -> dict[str, Any]:
+    """Replaces `dest` with the files of `plan` (shipped path -> source), MANIFEST.json (`fields`,
+    every file's sha256 and size) and README.md (`readme_of(manifest)`), built aside and renamed
+    into place whole; returns the manifest."""
     staging = dest.with_name(f".{dest.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for rel, src in plan.items():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, staging / rel)
-        manifest = {"format": FORMAT, "run_dir": shown, "commands": commands,
-                    "files": describe_files(staging, list(plan)), "total_bytes": total,
-                    "base_eval": _read_json(run_dir / "eval.json"),
-                    "heads_eval": {k: _read_json(run_dir / "heads" / k / "eval.json") for k in kinds}}
+        manifest = {"format": FORMAT, **fields, "files": describe_files(staging, list(plan)),
+                    "total_bytes": sum(src.stat().st_size for src in plan.values())}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-        (staging / "README.md").write_text(readme(manifest))
-        _replace_dir(staging, dest)
+        (staging / "README.md").write_text(readme_of(manifest))
+        replace_directory(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -108,16 +117,6 @@ def ship(run_dir: str | os.PathLike, dest: str | os.PathLike, kinds: Sequence[st
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """dest := new, with the old dest gone only once new is in place."""
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def readme(manifest: dict[str, Any]) -> str:
