@@ -19,8 +19,9 @@ prompt-length bucket is compiled before any timing), mean accepted tokens = toke
 (T = 0: every question's tokens equal ar's). "multi-turn conversation" pools MT-bench's eight
 categories and "overall" pools all, as Spec-Bench's leaderboard does.
 
-Peers (`--peers transformers`, see infer/spec_bench_peers.py): transformers `generate` and its prompt
-lookup decoding, float32 on torch CPU, greedy. llama.cpp is not installed here and is not measured.
+Peers (`--peers transformers llama.cpp`, see infer/spec_bench_peers.py): transformers `generate` and
+its prompt lookup decoding (float32, torch CPU); llama.cpp (the `bench` extra) and its prompt lookup
+on the named model's original GGUF file and on a float32 copy of it; greedy, precision per row.
 Bad input (unknown model, malformed question file, --limit < 1) exits with status 2 and one line.
 """
 
@@ -33,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer.spec_bench_peers import PEER_NAMES
 from jaxaccel.spec_bench import MT_BENCH
 
 EXIT_BAD_INPUT = 2
@@ -56,8 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (identical to ar is checked)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peers", nargs="+", choices=("transformers",), default=[], help="peer methods in the same run")
-    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads for the peers")
+    p.add_argument("--peers", nargs="+", choices=PEER_NAMES, default=[], help="peer methods in the same run "
+                   "(llama.cpp needs a model name and the bench extra)")
+    p.add_argument("--peer-threads", type=int, help="threads for the peers (torch, llama.cpp; default: all cores)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--out", type=Path, help="directory for spec_bench.json and spec_bench.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -179,7 +182,7 @@ def spec_bench(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from infer.spec_bench_peers import PRECISION, make_peers
+    from infer.spec_bench_peers import make_peers
     from infer.speculative_rows import make_decoders
     from jaxaccel.decoding import make_policy
     from jaxaccel.decoding.text import stop_tokens
@@ -211,13 +214,14 @@ def spec_bench(args: argparse.Namespace) -> dict:
     compile_began = time.perf_counter()
     compile_buckets(decoders, prompts, policy=policy, max_new_tokens=args.max_new_tokens, stop=stop)
     compile_s = time.perf_counter() - compile_began
-    peers = make_peers(args.peers, model_dir, stop, args.max_new_tokens, args.torch_threads)
-    for peer in peers.values():  # torch's first call pays for allocations; not timed
+    peers = make_peers(args.peers, str(args.model), model_dir, stop, args.max_new_tokens,
+                       model.config.max_position_embeddings, args.peer_threads)
+    for peer in peers.values():  # a peer's first call pays for allocations; not timed
         peer.run(prompts[0])
     ours = str(np.dtype(jax.tree.leaves(decoders["ar"][0].params)[0].dtype))
     info = {name: {"precision": f"{ours} (jax {jax.devices()[0].platform})", "peer": False, **extra}
             for name, (_, extra) in decoders.items()}
-    info |= {name: {"precision": PRECISION, "peer": True} for name in peers}
+    info |= {name: {"precision": peer.precision, "peer": True} for name, peer in peers.items()}
     runs = run_questions(decoders, peers, questions, prompts, policy=policy, max_new_tokens=args.max_new_tokens,
                          stop=stop, seed=args.seed, progress=not args.no_progress)
     return {"command": "python -m infer.spec_bench " + shlex.join(args.argv), "model": str(model_dir),

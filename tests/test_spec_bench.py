@@ -40,7 +40,7 @@ def test_chat_model_rows_per_category_and_overall_with_peers_and_skipped_questio
     questions = write_questions(tmp_path / "q.jsonl", {**SHORT, "summarization": ["word " * 400]})
     out = tmp_path / "out"
     report = run_json(capsys, ["--model", str(model_dir), "--questions", questions, "--limit", "1",
-                               "--max-new-tokens", "6", "--peers", "transformers", "--torch-threads", "1",
+                               "--max-new-tokens", "6", "--peers", "transformers", "--peer-threads", "1",
                                "--out", str(out)])
     assert report["skipped_too_long"] == {"total": 1, "by_category": {"summarization": 1}}
     assert report["num_questions"] == 4  # --limit 1: the first of writing, roleplay, translation, qa
