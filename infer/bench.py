@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads for transformers (default: "
                         "torch's own; on an oversubscribed machine its thread barriers can slow it several-fold)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
-    parser.add_argument("--heads", type=Path, action="append", default=[], help="heads directory (repeatable)")
+    parser.add_argument("--heads", type=Path, action="append", default=[], help="heads directory, or auto (the heads shipped for --model); repeatable")
     parser.add_argument("--drafter", action="append", default=[], help="training-free drafter NAME[:key=value,...] "
                         "(pld, recycling; repeatable: one speculative row each; `python -m infer.drafters` lists them)")
     parser.add_argument("--tree", action="append", help="default | chain | auto | dynamic[:TOPK,DEPTH,NODES] "
@@ -243,7 +243,9 @@ def speculative_main(args) -> int:
         if args.tune_tree:
             tuning = make_prompts(args.model, model.config.vocab_size, 16, args.prompt_len, args.seed + 1,
                                   split="validation")
-            for heads_dir in args.heads:
+            from jaxaccel.pretrained.shipped_heads import resolve_heads
+
+            for heads_dir in resolve_heads(args.heads, args.model):
                 report = speculative_rows.tune_tree(model, args.model, heads_dir, tuning, tuning[0],
                                               max_new_tokens=args.max_new_tokens)
                 print(f"{heads_dir}: chose {report['chosen_num_nodes']} nodes")

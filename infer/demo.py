@@ -82,6 +82,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
 
 
+def shipped_for(model_dir: Path) -> list[Path]:
+    """The heads shipped for this model (checked), or none."""
+    from jaxaccel.pretrained.shipped_heads import auto_heads
+
+    try:
+        return auto_heads(model_dir)
+    except FileNotFoundError:
+        return []
+
+
 def resolve_inputs(args: argparse.Namespace) -> tuple[Path, list[Path], dict | None]:
     """(model dir, heads dirs, manifest or None): the shipped small files, checked, for --model small;
     else the named model (prepared on first use) or directory."""
@@ -89,7 +99,8 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, list[Path], dict | N
     from jaxaccel.pretrained import shipped_heads_dirs, verify
 
     if args.model != "small":
-        return resolve_model(args.model), args.heads, None
+        model_dir = resolve_model(args.model)
+        return model_dir, args.heads or shipped_for(model_dir), None
     try:
         manifest = verify(args.shipped_dir)
     except ShippedFilesError as e:

@@ -45,7 +45,7 @@ def parse_args(argv):
     parser.add_argument("--chat", action="store_true", help="each prompt is a user message: apply the model's "
                         "chat template, stop at its end-of-turn token")
     parser.add_argument("--system", help="with --chat: a system message before each prompt")
-    parser.add_argument("--heads", type=Path, help="draft heads directory: decode speculatively")
+    parser.add_argument("--heads", type=Path, help="draft heads directory, or auto (the first shipped for --model): decode speculatively")
     parser.add_argument("--drafter", help="decode speculatively with a drafter, NAME[:key=value,...]: pld, "
                         "recycling (training-free, any model; `python -m infer.drafters` lists them and their options)")
     parser.add_argument("--tree", help="with --heads (or --drafter): default | chain | auto (tuned by infer.bench "
@@ -81,8 +81,11 @@ def make_decoder(args, model, model_dir: Path):
     from jaxaccel.drafters import make_drafter
     from jaxaccel.heads import load_heads
 
-    heads = None if args.heads is None else load_heads(args.heads, model_dir)
-    tree = resolve_tree(args.tree, args.heads, heads)
+    from jaxaccel.pretrained.shipped_heads import resolve_heads
+
+    heads_dir = None if args.heads is None else resolve_heads([args.heads], model_dir)[0]  # auto: the first shipped
+    heads = None if heads_dir is None else load_heads(heads_dir, model_dir)
+    tree = resolve_tree(args.tree, heads_dir, heads)
     return SpeculativeDecoder(model, make_drafter(drafter_spec, heads=heads, tree=tree))
 
 

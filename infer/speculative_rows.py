@@ -76,8 +76,10 @@ def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
     from jaxaccel.decoding.speculative import SpeculativeDecoder
     from jaxaccel.drafters import get_record, make_drafter
     from jaxaccel.heads import load_heads
+    from jaxaccel.pretrained.shipped_heads import resolve_heads
 
     decoders = {"ar": (AutoregressiveDecoder(model), {})}
+    heads_dirs = resolve_heads(heads_dirs, model_dir)  # 'auto': the heads shipped for this model
 
     def add(name, drafter, info):
         if name in decoders:

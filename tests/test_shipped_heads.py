@@ -68,3 +68,9 @@ def test_shipping_over_budget_or_incomplete_changes_nothing(shipped):
     with pytest.raises(FileNotFoundError, match="has no heads.safetensors"):
         ship_heads({"hydra": tmp / "empty"}, root / "tiny-a", [], title="t")
     assert json.loads((root / "tiny-a" / "MANIFEST.json").read_text()) == manifest
+
+
+def test_auto_on_the_shipped_small_model_is_its_shipped_heads():
+    from jaxaccel.pretrained import SHIPPED_DIR, shipped_heads_dirs
+
+    assert resolve_heads(["auto"], SHIPPED_DIR / "model") == shipped_heads_dirs()
