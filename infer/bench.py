@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads for transformers (default: "
                         "torch's own; on an oversubscribed machine its thread barriers can slow it several-fold)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
-    parser.add_argument("--heads", type=Path, action="append", default=[], help="heads directory, or auto (the heads shipped for --model); repeatable")
+    parser.add_argument("--heads", type=Path, action="append", default=[], help="heads directory, or auto (the heads "
+                        "shipped for --model); repeatable")
     parser.add_argument("--drafter", action="append", default=[], help="training-free drafter NAME[:key=value,...] "
                         "(pld, recycling; repeatable: one speculative row each; `python -m infer.drafters` lists them)")
     parser.add_argument("--tree", action="append", help="default | chain | auto | dynamic[:TOPK,DEPTH,NODES] "

@@ -18,7 +18,8 @@ from pathlib import Path
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m infer.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory or model name (prepared on first use)")
-    parser.add_argument("--heads", type=Path, help="draft heads directory, or auto (the first shipped for --model): decode speculatively")
+    parser.add_argument("--heads", type=Path, help="draft heads directory, or auto (the first "
+                        "shipped for --model): decode speculatively")
     parser.add_argument("--drafter", help="speculative drafter NAME[:key=value,...] (pld, recycling; as infer.generate)")
     parser.add_argument("--tree", help="with --heads or --drafter: the tree (as infer.generate's --tree)")
     parser.add_argument("--system", help="a system message at the start of the conversation")

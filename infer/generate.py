@@ -45,7 +45,8 @@ def parse_args(argv):
     parser.add_argument("--chat", action="store_true", help="each prompt is a user message: apply the model's "
                         "chat template, stop at its end-of-turn token")
     parser.add_argument("--system", help="with --chat: a system message before each prompt")
-    parser.add_argument("--heads", type=Path, help="draft heads directory, or auto (the first shipped for --model): decode speculatively")
+    parser.add_argument("--heads", type=Path, help="draft heads directory, or auto (the first "
+                        "shipped for --model): decode speculatively")
     parser.add_argument("--drafter", help="decode speculatively with a drafter, NAME[:key=value,...]: pld, "
                         "recycling (training-free, any model; `python -m infer.drafters` lists them and their options)")
     parser.add_argument("--tree", help="with --heads (or --drafter): default | chain | auto (tuned by infer.bench "

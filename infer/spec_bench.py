@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infer.spec_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name (python -m infer.models) or model directory")
-    p.add_argument("--heads", type=Path, action="append", default=[], help="heads directory, or auto (the heads shipped for --model); repeatable")
+    p.add_argument("--heads", type=Path, action="append", default=[], help="heads directory, or auto (the heads "
+                   "shipped for --model); repeatable")
     p.add_argument("--drafter", action="append", default=[], help="training-free drafter NAME[:key=value,...] "
                    "(pld, recycling; repeatable: one method each)")
     p.add_argument("--tree", action="append", help="as infer.bench: default | chain | auto | dynamic[:...] | FILE.json "
