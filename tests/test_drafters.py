@@ -83,7 +83,8 @@ def test_a_drafter_is_one_record(base, prompts, monkeypatch):
     assert got.sequences() == want.sequences()
 
 
-@pytest.mark.parametrize("spec", ["pld", "pld:branches=3,depth=4,max_ngram=2", "recycling"])
+@pytest.mark.parametrize("spec", ["pld", "pld:branches=3,depth=4,max_ngram=2", "recycling", "lookahead",
+                                  "lookahead:window=3,ngram=4,candidates=2"])
 def test_training_free_drafters_equal_greedy(base, prompts, spec):
     want = AutoregressiveDecoder(base).generate(prompts, max_new_tokens=40, stop_tokens=[STOP])
     got = SpeculativeDecoder(base, make_drafter(spec)).generate(prompts, max_new_tokens=40, stop_tokens=[STOP])
@@ -96,28 +97,40 @@ def first_tokens(result, k):
     return [tuple(s[:k]) for s in result.sequences()]
 
 
-@pytest.mark.parametrize("spec", ["pld:branches=4,depth=3", "recycling"])
-def test_sampling_follows_the_base_distribution(base, prompts, spec):
+SAMPLED_ROWS, SAMPLED_TOKENS = 3000, 4
+
+
+@pytest.fixture(scope="module")
+def sampled(base, prompts):
+    """The first tokens of autoregressive sampling at T = 1 with top-4 filtering, and (for the test's
+    power) with top-3, drawn once for every drafter's two-sample test: Counters of token tuples."""
+    batch = [prompts[0]] * SAMPLED_ROWS
+    ar = AutoregressiveDecoder(base).generate(batch, policy=Sampler(temperature=1.0, top_k=4),
+                                              max_new_tokens=SAMPLED_TOKENS, seed=1)
+    other = AutoregressiveDecoder(base).generate(batch, policy=Sampler(temperature=1.0, top_k=3),
+                                                 max_new_tokens=SAMPLED_TOKENS, seed=3)
+    return collections.Counter(first_tokens(ar, SAMPLED_TOKENS)), collections.Counter(first_tokens(other, SAMPLED_TOKENS))
+
+
+@pytest.mark.parametrize("spec", ["pld:branches=4,depth=3", "recycling", "lookahead"])
+def test_sampling_follows_the_base_distribution(base, prompts, sampled, spec):
     """Two-sample test at T = 1: the first 4 tokens of speculative and autoregressive sampling
     have the same joint law (deterministic drafts are point masses to the verifier). Top-4
     filtering: this random base is near-uniform over 50 tokens, which would leave no draft accepted."""
     policy = Sampler(temperature=1.0, top_k=4)
-    rows, k = 3000, 4
+    rows, k = SAMPLED_ROWS, SAMPLED_TOKENS
     batch = [prompts[0]] * rows
-    ar = AutoregressiveDecoder(base).generate(batch, policy=policy, max_new_tokens=k, seed=1)
     spec_result = SpeculativeDecoder(base, make_drafter(spec)).generate(batch, policy=policy, max_new_tokens=k, seed=2)
     # The test exercises acceptance: 0.05 more tokens per pass over ~9000 passes is hundreds of drafts.
     assert spec_result.mean_accepted_tokens() > 1.05, spec_result.mean_accepted_tokens()
-    a, s = collections.Counter(first_tokens(ar, k)), collections.Counter(first_tokens(spec_result, k))
+    a, o = sampled
+    s = collections.Counter(first_tokens(spec_result, k))
     common = [t for t in a if a[t] + s[t] >= 20]  # pool rare sequences into one cell
     table = np.array([[a[t] for t in common] + [rows - sum(a[t] for t in common)],
                       [s[t] for t in common] + [rows - sum(s[t] for t in common)]])
     assert table.shape[1] > 5
     assert stats.chi2_contingency(table).pvalue > 1e-3, table
     # The test has power: a slightly different law (top-3) is detected.
-    other = AutoregressiveDecoder(base).generate(batch, policy=Sampler(temperature=1.0, top_k=3), max_new_tokens=k,
-                                                 seed=3)
-    o = collections.Counter(first_tokens(other, k))
     table = np.array([[a[t] for t in common] + [rows - sum(a[t] for t in common)],
                       [o[t] for t in common] + [rows - sum(o[t] for t in common)]])
     assert stats.chi2_contingency(table).pvalue < 1e-3

@@ -8,6 +8,8 @@ ancestor mask) over the cache; `verify_tree` walks the tree (lossless at any tem
 emits the accepted drafts plus one token of the base model's; the cache keeps only the accepted
 path's K/V (`KVCache.keep`); the drafter commits what it needs of the verify pass. The loop
 never asks which drafter it runs. At temperature 0 the output is greedy decoding's, token for token.
+A drafter that learns across calls (the protocol's optional `carry`: Token Recycling's table) starts
+each call of a decoder from what the last one left it; `SpeculativeDecoder.reset()` forgets it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jaxaccel.decoding.tree import DynamicTree, Tree
 from jaxaccel.decoding.timing import median_seconds
 from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
 from jaxaccel.drafters import Drafter, Prefill, Verified, make_drafter
+from jaxaccel.drafters.protocol import carries
 from jaxaccel.model import Transformer
 
 
@@ -50,8 +53,9 @@ def merge_parts(graphdef, params, module_graphdef, module_params):
 
 
 def spec_prefill(graphdef, params, module_graphdef, module_params, cache: KVCache, tokens_bs, lengths_b, stop_ids,
-                 key, *, policy: Policy, drafter, max_new_tokens: int) -> SpecState:
-    """Prefills the prompts, draws each row's first token and starts the drafter."""
+                 key, carried=None, *, policy: Policy, drafter, max_new_tokens: int) -> SpecState:
+    """Prefills the prompts, draws each row's first token and starts the drafter (from `carried`,
+    what its last call left, for a drafter that carries)."""
     model, module = merge_parts(graphdef, params, module_graphdef, module_params)
     out = model.forward(tokens_bs, cache=cache, capture=base_layers(drafter))
     out = out.replace(cache=out.cache.advance(lengths_b))
@@ -59,8 +63,10 @@ def spec_prefill(graphdef, params, module_graphdef, module_params, cache: KVCach
     first_b = sample_policy(policy)(model.logits(last_b1d)[:, 0], jax.random.fold_in(key, 0))
     result = DecodeResult.empty(tokens_bs.shape[0], max_new_tokens).append(
         first_b[:, None], jnp.ones_like(lengths_b), stop_ids)
-    draft = drafter.start(model, module, Prefill(hidden_bsd=out.hidden, tokens_bs=tokens_bs, lengths_b=lengths_b,
-                                                 first_b=first_b, cache_len=cache.max_len, captured_bskd=out.captured))
+    prefill = Prefill(hidden_bsd=out.hidden, tokens_bs=tokens_bs, lengths_b=lengths_b, first_b=first_b,
+                      cache_len=cache.max_len, captured_bskd=out.captured)
+    draft = (drafter.start(model, module, prefill) if carried is None
+             else drafter.start(model, module, prefill, carried))
     return SpecState(cache=out.cache, draft=draft, result=result, root_b=first_b, key=key, step=jnp.int32(1))
 
 
@@ -112,6 +118,8 @@ spec_loop_jit = jax.jit(spec_loop, static_argnums=(0, 2), static_argnames=("poli
 spec_chunk_jit = jax.jit(spec_chunk, static_argnums=(0, 2), static_argnames=("policy", "drafter"),
                          donate_argnames=("state",))
 spec_single_step_jit = jax.jit(spec_single_step, static_argnums=(0, 2), static_argnames=("policy", "drafter"))
+# Fresh buffers: the state it reads is donated to the next chunk.
+drafter_carry_jit = jax.jit(lambda drafter, draft: drafter.carry(draft), static_argnums=0)
 
 
 def base_layers(drafter) -> tuple[int, ...]:
@@ -143,11 +151,24 @@ class SpeculativeDecoder:
         # Parameters travel as arrays; the drafter, stripped of them, is a static jit argument.
         self.module_graphdef, self.module_params = (None, None) if module is None else nnx.split(module)
         self.drafter = drafter if module is None else dataclasses.replace(drafter, module=None)
+        # What the drafter carries from call to call (None: it carries nothing).
+        self.empty_carried = self.drafter.empty_carry(model) if carries(self.drafter) else None
+        self.carried = self.empty_carried
 
     @property
     def tree(self) -> Tree | DynamicTree:
         """The token tree drafted every step."""
         return self.drafter.tree
+
+    def reset(self) -> None:
+        """Forgets what the drafter learned in earlier calls: the next call starts afresh."""
+        self.carried = self.empty_carried
+
+    def keep_carry(self, state: SpecState) -> SpecState:
+        """Remembers what `state`'s drafter learned for the next call (done by `finish` and `advance`)."""
+        if self.carried is not None:
+            self.carried = drafter_carry_jit(self.drafter, state.draft)
+        return state
 
     def start(self, prompts: Sequence[Sequence[int]], *, policy, max_new_tokens: int,
               stop_tokens: Sequence[int] = (), seed: int = 0) -> tuple[SpecState, jax.Array]:
@@ -159,19 +180,20 @@ class SpeculativeDecoder:
         cache = KVCache.create(self.config, len(prompts), cache_len)
         state = spec_prefill_jit(self.graphdef, self.params, self.module_graphdef, self.module_params, cache,
                                  jnp.asarray(tokens_bs), jnp.asarray(lengths_b), stop_ids, jax.random.key(seed),
-                                 policy=policy, drafter=self.drafter, max_new_tokens=max_new_tokens)
+                                 self.carried, policy=policy, drafter=self.drafter, max_new_tokens=max_new_tokens)
         return state, stop_ids
 
     def finish(self, state: SpecState, stop_ids, *, policy) -> SpecState:
         """Runs the jitted while_loop from `start`'s state until every row is done."""
-        return spec_loop_jit(self.graphdef, self.params, self.module_graphdef, self.module_params, state, stop_ids,
-                             policy=policy, drafter=self.drafter)
+        return self.keep_carry(spec_loop_jit(self.graphdef, self.params, self.module_graphdef, self.module_params,
+                                             state, stop_ids, policy=policy, drafter=self.drafter))
 
     def advance(self, state: SpecState, stop_ids, *, policy, max_steps: int) -> SpecState:
         """Runs at most `max_steps` draft-verify steps (fewer once every row is done; the input state is
         donated): `finish` in pieces, for streaming."""
-        return spec_chunk_jit(self.graphdef, self.params, self.module_graphdef, self.module_params, state, stop_ids,
-                              jnp.int32(max_steps), policy=policy, drafter=self.drafter)
+        return self.keep_carry(spec_chunk_jit(self.graphdef, self.params, self.module_graphdef, self.module_params,
+                                              state, stop_ids, jnp.int32(max_steps), policy=policy,
+                                              drafter=self.drafter))
 
     def compile(self, prompts, *, policy, max_new_tokens: int, stop_tokens: Sequence[int] = ()) -> None:
         """Compiles prefill and loop for this prompt bucket, so that timed calls exclude compilation."""

@@ -16,6 +16,18 @@ A drafter is a frozen, hashable object (a static `jit` argument) with
                                               whose verify pass writes every node's K/V itself
     commit(base, module, state, verified) -> state   after every verify pass
 
+Optional, the capability to learn across calls (Token Recycling keeps its table from one query
+to the next):
+
+    empty_carry(base) -> carried              what a decoder's first call starts from
+    carry(state) -> carried                   after a call: what the next call starts from (a
+                                              pytree of fixed shapes without a batch axis)
+    start(base, module, prefill, carried)     the next call's start, from it
+
+A SpeculativeDecoder holds the carried pytree between its calls (`reset()` drops it); `carried`
+always has the same shapes, so a carried call compiles nothing new. What is carried changes the
+drafts, never the output (a draft is lossless whatever it proposes).
+
 `state` is any pytree the drafter chooses (a heads cache, a token buffer, a table); it must keep
 its shapes from step to step. The loop splits `module` off the drafter once and hands it back,
 merged, to every method: a drafter's own fields are static, its parameters never are. Drafts are
@@ -82,3 +94,8 @@ class Drafter(Protocol):
     def draft(self, base, module, state: Any, root_b: jax.Array, cache: Any) -> Draft: ...
 
     def commit(self, base, module, state: Any, verified: Verified) -> Any: ...
+
+
+def carries(drafter) -> bool:
+    """Whether the drafter learns across calls (the optional `carry` capability)."""
+    return hasattr(drafter, "carry")

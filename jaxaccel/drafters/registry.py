@@ -17,12 +17,12 @@ The loop, the CLIs (--drafter NAME:options), `python -m infer.drafters`, `make_h
 
 from __future__ import annotations
 
-from jaxaccel.drafters import eagle, hydra, medusa, pld, recycling
+from jaxaccel.drafters import eagle, hydra, lookahead, medusa, pld, recycling
 from jaxaccel.drafters.protocol import Drafter
 from jaxaccel.drafters.record import DrafterRecord
 
 RECORDS: dict[str, DrafterRecord] = {r.name: r for r in (medusa.RECORD, hydra.RECORD, eagle.RECORD, pld.RECORD,
-                                                         recycling.RECORD)}
+                                                         recycling.RECORD, lookahead.RECORD)}
 
 
 def register(record: DrafterRecord) -> DrafterRecord:
