@@ -27,18 +27,27 @@ class KVCache:
     max_len: int = struct.field(pytree_node=False, default=0)  # tokens a row can hold (positions 0..max_len-1)
 
     @classmethod
-    def create(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-        """An empty cache for `batch_size` rows of up to `max_len` tokens each."""
+    def create(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=None, sliding: str = "ring") -> KVCache:
+        """An empty cache for `batch_size` rows of up to `max_len` tokens each. Sliding-window layers
+        of the full kind keep a ring of `sliding_window` slots (sliding="ring") or, as a reference
+        that must give the same output, a dense cache like every other layer ("dense")."""
         from jaxaccel.layers.attention_kinds import attention_kind  # the kinds import this module
 
         if max_len > config.max_position_embeddings:
             raise ValueError(
                 f"cache length {max_len} is longer than the model's context "
                 f"({config.max_position_embeddings} positions)")
+        if sliding not in ("ring", "dense"):
+            raise ValueError(f"unknown sliding cache {sliding!r}; expected 'ring' or 'dense'")
         dtype = jnp.dtype(dtype or config.dtype)
+
+        def entry(i: int):
+            kind = config.layer_kind(i)
+            extra = {"sliding": sliding} if kind == "full" else {}
+            return attention_kind(kind).create_entry(config, i, batch_size, max_len, dtype, **extra)
+
         # Every layer gets its own buffers, so that the cache can be donated.
-        entries = tuple(attention_kind(config.layer_kind(i)).create_entry(config, i, batch_size, max_len, dtype)
-                        for i in range(config.num_layers))
+        entries = tuple(entry(i) for i in range(config.num_layers))
         return cls(layers=entries, lengths=jnp.zeros((batch_size,), jnp.int32), max_len=max_len)
 
     @property

@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3")
+ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU; GeGLU with the tanh-approximated GELU (Gemma)
+LAYER_TYPES = ("full", "sliding")  # per-layer attention span: every earlier key, or the last sliding_window
 ROPE_KINDS = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
@@ -213,10 +215,14 @@ class AttentionSpec:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only Transformer of the Llama family (Llama, Qwen2, Qwen3, Mistral).
+    """A decoder-only Transformer: Llama, Qwen2, Qwen3, Mistral, their MoE variants, Gemma 2 and 3.
 
-    The families differ only in flags: q/k/v bias (Qwen2), per-head QK RMSNorm (Qwen3),
-    a sliding attention window (Mistral), tied embeddings (small Qwens).
+    The families differ only in flags: q/k/v bias (Qwen2), per-head QK RMSNorm (Qwen3, Gemma 3),
+    a sliding attention window (Mistral: every layer; Gemma: the layers `layer_types` marks
+    "sliding", with their own rope base `local_rope_theta`), tied embeddings (small Qwens, Gemma),
+    and Gemma's: GeGLU (`hidden_act`), norms scaling by (1 + w) (`norm_offset`), norms after
+    attention and MLP too (`sandwich_norms`), embeddings times sqrt(hidden_size) (`embed_scale`),
+    scores scaled by query_pre_attn_scalar ** -0.5, tanh soft-capping of scores and logits (Gemma 2).
     """
 
     vocab_size: int = 8192
@@ -236,7 +242,16 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # keys a "sliding" layer sees (the query's own included)
+    layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: all sliding iff a window is set
+    local_rope_theta: float | None = None  # rope base of the sliding layers (unscaled); None: rope_theta
+    hidden_act: str = "silu"
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): Gemma stores w and scales by 1 + w
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too, and a pre-MLP norm (Gemma)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the activation dtype (Gemma)
+    query_pre_attn_scalar: float | None = None  # scores times this ** -0.5; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> tanh(scores / c) * c (Gemma 2)
+    final_softcap: float | None = None  # logits -> tanh(logits / c) * c (Gemma 2)
     family: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -263,12 +278,28 @@ class ModelConfig:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be > 0 or None, got {self.sliding_window}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise ValueError(f"unknown layer type(s) {unknown}; expected one of {LAYER_TYPES}")
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types name {len(self.layer_types)} layers, but the model has {self.num_layers}")
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding layers but sliding_window is None")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unknown hidden_act {self.hidden_act!r}; expected one of {ACTIVATIONS}")
+        for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 or None, got {getattr(self, name)}")
         if isinstance(self.rope_scaling, dict):  # from JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.attention, dict):  # from JSON
             object.__setattr__(self, "attention", AttentionSpec(**self.attention))
         if self.attention is not None:
             self.attention.check(self.num_layers, self.num_kv_heads, self.max_position_embeddings)
+            if self.attn_softcap is not None and set(self.attention.kinds) != {"full"}:
+                raise ValueError(f"attn_softcap is implemented for full attention only, not {self.attention.kinds}")
         if isinstance(self.moe, dict):  # from JSON
             object.__setattr__(self, "moe", MoESpec(**self.moe))
         if self.moe is not None:
@@ -291,6 +322,18 @@ class ModelConfig:
     def layer_kind(self, layer: int) -> str:
         """The attention kind of `layer` ("full" without an attention spec)."""
         return "full" if self.attention is None else self.attention.kind(layer)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, None where it attends to every earlier key."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding":
+            return self.sliding_window
+        return None
+
+    def layer_rope(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """(rope base, scaling) of `layer`: sliding layers take local_rope_theta unscaled where it is set."""
+        if self.local_rope_theta is not None and self.layer_window(layer) is not None:
+            return self.local_rope_theta, None
+        return self.rope_theta, self.rope_scaling
 
     @property
     def resolved_head_dim(self) -> int:
@@ -324,7 +367,7 @@ class ModelConfig:
         q, kv = self.num_heads * hd, self.num_kv_heads * hd
         attn = d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias + d * self.o_bias
         mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
-        norms = 2 * d + 2 * hd * self.qk_norm
+        norms = (4 if self.sandwich_norms else 2) * d + 2 * hd * self.qk_norm
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         total = self.num_layers * (attn + mlp + norms) + d + embed
         if self.moe is not None:  # MoE layers: router + experts (+ shared expert and its gate) instead of the MLP

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxaccel.config import ModelConfig, MoESpec, RopeScaling
+from jaxaccel.families import gemma, hf_dimensions
 from jaxaccel.files import write_atomically, write_json_atomically
 from jaxaccel.model import Transformer
 
@@ -33,6 +34,7 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    **gemma.ARCHITECTURES,
 }
 # A MoE family's attention and dense layers are those of this dense family.
 DENSE_FAMILY = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
@@ -50,10 +52,21 @@ class ModelDirectoryError(ValueError):
 # config.json
 
 
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """Our ModelConfig from a Hugging Face config dict (transformers 4 or 5 layout)."""
     family = hf.get("model_type")
-    if family not in ARCHITECTURES:
+    unknown = sorted(set(hf.get("layer_types") or ()) - set(SUPPORTED_LAYER_TYPES))
+    if unknown:
+        raise ModelDirectoryError(f"unsupported layer_types value(s) {unknown}; supported: {list(SUPPORTED_LAYER_TYPES)}")
+    if family in gemma.MODEL_TYPES:
+        try:
+            return ModelConfig(**gemma.config_fields(hf)).replace(**overrides)
+        except gemma.GemmaConfigError as e:
+            raise ModelDirectoryError(str(e)) from None
+    if family not in ARCHITECTURES or family in gemma.ARCHITECTURES:  # "gemma3": the multimodal model
         arch = hf.get("architectures") or [family]
         raise ModelDirectoryError(f"unsupported architecture {arch[0]!r} (model_type {family!r}); "
                                   f"supported: {sorted(ARCHITECTURES.values())}")
@@ -148,8 +161,15 @@ def moe_to_hf(config: ModelConfig) -> dict[str, Any]:
     return hf
 
 
+# Gemma's architectural flags at the values every other family has.
+NOT_GEMMA = dict(hidden_act="silu", norm_offset=0.0, sandwich_norms=False, embed_scale=False, layer_types=None,
+                 local_rope_theta=None, query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None)
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A Hugging Face config dict for `config`; raises if the family cannot express it."""
+    if config.family in gemma.ARCHITECTURES:
+        return gemma.config_to_hf(config)
     family = DENSE_FAMILY.get(config.family, config.family)
     if config.moe is not None and config.family not in DENSE_FAMILY:
         raise ValueError(f"a {family} checkpoint cannot express MoE layers; use family "
@@ -159,7 +179,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "qwen2": dict(qk_norm=False, qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=None),
         "qwen3": dict(qk_norm=True, o_bias=config.qkv_bias, mlp_bias=False, sliding_window=None),
         "mistral": dict(qk_norm=False, qkv_bias=False, o_bias=False, mlp_bias=False),
-    }[family]
+    }[family] | NOT_GEMMA
     wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
     if wrong:
         raise ValueError(f"a {family} checkpoint cannot express {wrong}")
@@ -173,23 +193,11 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     hf = {
         "architectures": [ARCHITECTURES[config.family]],
         "model_type": config.family,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.resolved_head_dim,
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
+        **hf_dimensions(config),
         "hidden_act": "silu",
-        "tie_word_embeddings": config.tie_embeddings,
         "rope_theta": config.rope_theta,  # transformers 4 reads these two,
         "rope_scaling": None if s is None else rope,
         "rope_parameters": rope,  # transformers 5 this one
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "torch_dtype": config.param_dtype,
     }
     if family in ("llama", "qwen3"):
         hf["attention_bias"] = config.qkv_bias
@@ -301,7 +309,8 @@ def _read_tensor(file: Path, name: str) -> jax.Array:
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", **overrides: Any) -> Transformer:
-    """Loads a Llama / Qwen2 / Qwen3 / Mistral / Mixtral / Qwen2-MoE / Qwen3-MoE model directory as a Transformer.
+    """Loads a Llama / Qwen2 / Qwen3 / Mistral / Mixtral / Qwen2-MoE / Qwen3-MoE / Gemma 2 / Gemma 3 model
+    directory as a Transformer.
 
     `dtype` is the parameter and activation dtype; `overrides` change other config fields
     (e.g. attention_impl="pallas").

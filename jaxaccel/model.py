@@ -1,4 +1,4 @@
-"""Decoder-only Transformer of the Llama family (Llama, Qwen2, Qwen3, Mistral) in Flax NNX.
+"""Decoder-only Transformer (Llama, Qwen2, Qwen3, Mistral, their MoE variants, Gemma 2 and 3) in Flax NNX.
 
 One forward pass serves three uses:
   training  `model(tokens_bt)`: a full causal sequence, no cache;
@@ -35,22 +35,51 @@ class ForwardOutput:
     captured: jax.Array | None = None  # [B, n, k, d] residual stream after each `capture` layer (EAGLE-3's features)
 
 
+def make_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
+    """An RMSNorm of the model's kind (Gemma's scales by 1 + w)."""
+    return RMSNorm(dim or config.hidden_size, eps=config.rms_norm_eps, param_dtype=jnp.dtype(config.param_dtype),
+                   offset=config.norm_offset)
+
+
 class DecoderLayer(nnx.Module):
-    """Pre-norm decoder layer: the layer's attention kind, then its MLP or MoE block, each residual."""
+    """Pre-norm decoder layer: the layer's attention kind, then its MLP or MoE block, each residual.
+
+    With `sandwich_norms` (Gemma) the outputs of attention and MLP are normed too before their
+    residual add. Names follow the checkpoints: Gemma's `post_attention_layernorm` follows
+    attention and `pre_feedforward_layernorm` precedes the MLP, where in the other families
+    `post_attention_layernorm` is the pre-MLP norm."""
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layer_index: int | None = None):
-        eps, pdt = config.rms_norm_eps, jnp.dtype(config.param_dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pdt)
+        self.input_layernorm = make_norm(config)
         self.self_attn = make_attention(config, layer_index, rngs=rngs)  # the layer's attention kind
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pdt)
+        self.post_attention_layernorm = make_norm(config)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
         # A MoE block where config.moe asks for one at this index (None: a draft head's own layer, dense).
         moe = layer_index is not None and config.is_moe_layer(layer_index)
         self.mlp = MoE(config, rngs=rngs) if moe else MLP(config, rngs=rngs)
 
     def __call__(self, x_bnd, ctx: ForwardContext, entry=None):
         h_bnd, entry = self.self_attn(self.input_layernorm(x_bnd), ctx, entry)
+        if self.sandwich:
+            x_bnd = x_bnd + self.post_attention_layernorm(h_bnd)
+            return x_bnd + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_bnd))), entry
         x_bnd = x_bnd + h_bnd
         x_bnd = x_bnd + self.mlp(self.post_attention_layernorm(x_bnd))
         return x_bnd, entry
+
+
+class ScaledEmbed(nnx.Embed):
+    """Token embeddings, times sqrt(hidden_size) cast to the activation dtype where the model asks (Gemma).
+    The table itself is stored unscaled (the tied LM head reads it as is)."""
+    def __init__(self, *args, scale: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = super().__call__(tokens)
+        return x if self.scale is None else x * jnp.asarray(self.scale, x.dtype)
 
 
 class Transformer(nnx.Module):
@@ -58,11 +87,12 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         pdt = jnp.dtype(config.param_dtype)
-        self.embed_tokens = nnx.Embed(
+        self.embed_tokens = ScaledEmbed(
             config.vocab_size, config.hidden_size, dtype=jnp.dtype(config.dtype), param_dtype=pdt, rngs=rngs,
-            embedding_init=nnx.with_partitioning(nnx.initializers.normal(INIT_STD), ("vocab", "embed"), eager_sharding=False))
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(INIT_STD), ("vocab", "embed"), eager_sharding=False),
+            scale=config.hidden_size**0.5 if config.embed_scale else None)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs, layer_index=i) for i in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pdt)
+        self.norm = make_norm(config)
         self.lm_head = None if config.tie_embeddings else dense(
             config, config.hidden_size, config.vocab_size, ("embed", "vocab"), False, rngs)
 
@@ -96,7 +126,9 @@ class Transformer(nnx.Module):
             out = jnp.einsum("...d,vd->...v", hidden_bnd, table_vd)
         else:
             out = self.lm_head(hidden_bnd)
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        cap = self.config.final_softcap
+        return out if cap is None else jnp.tanh(out / cap) * cap
 
     def prefill(self, tokens_bs: jax.Array, lengths_b: jax.Array, cache: KVCache) -> ForwardOutput:
         """Prompts right-padded to S, with true lengths; returns the cache with each prompt committed.
@@ -126,7 +158,7 @@ def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, 
         positions_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)
     mask_bnn = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)) if mask is None else mask, (b, n, n))
     ctx = ForwardContext(positions_bn, mask_bnn, None if cache is None else cache.lengths, causal=mask is None,
-                         sliding_window=layers[0].self_attn.config.sliding_window, duo_gates=duo_gates)
+                         duo_gates=duo_gates)  # each layer's attention applies its own window
     entries, states = [], {}
     for i, layer in enumerate(layers):
         x_bnd, entry = layer(x_bnd, ctx, None if cache is None else cache.layers[i])

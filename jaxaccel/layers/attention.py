@@ -25,19 +25,23 @@ MASKED = -1e30  # finite, so that a fully masked row gives a uniform (unused) re
 
 
 def dot_product_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
-                          visible_bnt: jax.Array, *, impl: str = "xla") -> jax.Array:
-    """Softmax attention of n queries over t keys with GQA; scores and softmax in float32.
+                          visible_bnt: jax.Array, *, impl: str = "xla", softcap: float | None = None) -> jax.Array:
+    """Softmax attention of n queries over t keys with GQA; scores (times head_dim ** -0.5) and
+    softmax in float32. `softcap` c: scores -> tanh(scores / c) * c before masking (Gemma 2; XLA only).
 
     impl: "xla" (the einsums below), "pallas" (`pallas_kernels.decode_attention`, the same
     function; Pallas interpreter on CPU) or "auto" (see `config.resolve_attention_impl`).
     """
-    if resolve_attention_impl(impl, kernel="decode_attention", head_dim=q_bnhd.shape[-1]) == "pallas":
+    if softcap is None and resolve_attention_impl(
+            impl, kernel="decode_attention", head_dim=q_bnhd.shape[-1]) == "pallas":
         return decode_attention(q_bnhd, k_bthd, v_bthd, visible_bnt)
     b, n, hq, d = q_bnhd.shape
     hkv = k_bthd.shape[2]
     q_bnkgd = q_bnhd.reshape(b, n, hkv, hq // hkv, d)
-    scores = jnp.einsum("bnkgd,btkd->bkgnt", q_bnkgd, k_bthd, preferred_element_type=jnp.float32)
-    scores = jnp.where(visible_bnt[:, None, None], scores * d**-0.5, MASKED)
+    scores = jnp.einsum("bnkgd,btkd->bkgnt", q_bnkgd, k_bthd, preferred_element_type=jnp.float32) * d**-0.5
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(visible_bnt[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bthd.dtype)
     out_bnkgd = jnp.einsum("bkgnt,btkd->bnkgd", probs, v_bthd)
     return out_bnkgd.reshape(b, n, hq, d)
@@ -62,18 +66,25 @@ def visible_keys(mask_bnn: jax.Array, positions_bn: jax.Array, lengths_b: jax.Ar
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with GQA, RoPE and optional q/k norms: the projections every softmax kind shares."""
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    """Multi-head attention with GQA, RoPE and optional q/k norms: the projections every softmax kind
+    shares. Layer `layer_index`'s own settings: its sliding window (None: none) and rope base."""
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layer_index: int = 0):
         d, hd = config.hidden_size, config.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
-        self.config = config
+        self.config, self.layer_index = config, layer_index
+        self.sliding_window = config.layer_window(layer_index)
+        # Scores are scaled by head_dim ** -0.5 where they are computed; query_pre_attn_scalar's
+        # scale is reached by scaling q by the ratio (1 when it equals head_dim, as in small Gemmas).
+        scalar = config.query_pre_attn_scalar
+        self.query_factor = 1.0 if scalar is None else float((hd / scalar) ** 0.5)
         self.q_proj = dense(config, d, config.num_heads * hd, ("embed", "heads"), config.qkv_bias, rngs)
         self.k_proj = dense(config, d, config.num_kv_heads * hd, ("embed", "kv_heads"), config.qkv_bias, rngs)
         self.v_proj = dense(config, d, config.num_kv_heads * hd, ("embed", "kv_heads"), config.qkv_bias, rngs)
         self.o_proj = dense(config, config.num_heads * hd, d, ("heads", "embed"), config.o_bias, rngs)
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, param_dtype=jnp.dtype(config.param_dtype))
-            self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, param_dtype=jnp.dtype(config.param_dtype))
+            pdt, offset = jnp.dtype(config.param_dtype), config.norm_offset
+            self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, param_dtype=pdt, offset=offset)
+            self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, param_dtype=pdt, offset=offset)
         else:
             self.q_norm = self.k_norm = None
 
@@ -87,9 +98,16 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope:
-            inv_freq = inverse_frequencies(self.config)  # a trace-time constant
+            inv_freq = inverse_frequencies(self.config, self.layer_index)  # a trace-time constant
             q, k = apply_rope(q, positions_bn, inv_freq), apply_rope(k, positions_bn, inv_freq)
+        if self.query_factor != 1.0:
+            q = q * jnp.asarray(self.query_factor, q.dtype)
         return q, k, v
+
+    def attend(self, q_bnhd, k_bthd, v_bthd, visible_bnt) -> jax.Array:
+        """Softmax attention with this model's impl and score soft-capping."""
+        return dot_product_attention(q_bnhd, k_bthd, v_bthd, visible_bnt, impl=self.config.attention_impl,
+                                     softcap=self.config.attn_softcap)
 
     def __call__(self, x_bnd: jax.Array, positions_bn: jax.Array, visible_bnt: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None, lengths_b: jax.Array | None = None,
@@ -103,9 +121,9 @@ class Attention(nnx.Module):
         if kv is not None:
             kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
             k, v = kv
-        if causal and kv is None and resolve_attention_impl(
+        if causal and kv is None and self.config.attn_softcap is None and resolve_attention_impl(
                 self.config.attention_impl, kernel="flash_attention", head_dim=self.head_dim) == "pallas":
             out = flash_attention(q, k, v, causal=True)
         else:
-            out = dot_product_attention(q, k, v, visible_bnt, impl=self.config.attention_impl)
+            out = self.attend(q, k, v, visible_bnt)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), kv

@@ -71,7 +71,7 @@ def quest_pages(bounds_bknp: jax.Array, lengths_b: jax.Array, query_pos_bn: jax.
 class BlockSparseAttention(Attention):
     """`block_sparse` attention (module doc): Λ heads with the block mask, dense heads with Quest decoding."""
     def __init__(self, config: ModelConfig, layer_index: int = 0, *, rngs: nnx.Rngs):
-        super().__init__(config, rngs=rngs)
+        super().__init__(config, rngs=rngs, layer_index=layer_index)
         spec = config.attention or AttentionSpec(kinds=("block_sparse",))
         dense = spec.retrieval_mask(layer_index, config.num_kv_heads)
         self.dense_kv = tuple(h for h, r in enumerate(dense) if r)
@@ -96,7 +96,7 @@ class BlockSparseAttention(Attention):
             out = self._sparse_decode(q, keys, values, ctx, entry)
             new_entry = entry.with_written(keys, values, n)
             return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), new_entry
-        visible_bnt, key_pos_bt = ctx.visible(t), ctx.key_positions(t)
+        visible_bnt, key_pos_bt = ctx.visible(t, self.sliding_window), ctx.key_positions(t)
         outputs = []
         if self.lambda_kv:
             heads, kv = query_heads(self.lambda_kv, group), list(self.lambda_kv)
@@ -132,7 +132,7 @@ class BlockSparseAttention(Attention):
         b, n = q.shape[:2]
         group = self.num_heads // self.num_kv_heads
         pos_bn, lengths_b = ctx.positions_bn, ctx.lengths_b
-        among_new_bnn = ctx.visible(None)
+        among_new_bnn = ctx.visible(None, self.sliding_window)
         sink_tokens = self.sink_blocks * self.block_size
         outputs = []
         if self.lambda_kv:

@@ -14,13 +14,14 @@ class ForwardContext:
 
     positions_bn: the new tokens' positions; mask_bnn: (query, key) among them; lengths_b: the
     cache's committed lengths (None without a cache); causal: mask_bnn is the default causal mask
-    (kinds with a faster causal path take it); duo_gates: see DuoAttention.
+    (kinds with a faster causal path take it); duo_gates: see DuoAttention. Sliding windows are
+    per layer: each layer asks for its own (`visible(max_len, window)`), built once per window.
     """
 
     def __init__(self, positions_bn: jax.Array, mask_bnn: jax.Array, lengths_b: jax.Array | None, causal: bool,
-                 sliding_window: int | None = None, duo_gates: jax.Array | None = None):
+                 duo_gates: jax.Array | None = None):
         self.positions_bn, self.mask_bnn, self.lengths_b = positions_bn, mask_bnn, lengths_b
-        self.causal, self.sliding_window = causal, sliding_window
+        self.causal = causal
         self.duo_gates = duo_gates  # [layers, Hkv] in [0, 1]: duo's gate optimisation (no cache)
         self._memo: dict = {}
 
@@ -29,12 +30,13 @@ class ForwardContext:
             self._memo[key] = build()
         return self._memo[key]
 
-    def visible(self, max_len: int | None) -> jax.Array:
+    def visible(self, max_len: int | None, sliding_window: int | None = None) -> jax.Array:
         """max_len None: [B, n, n] among the new tokens; else [B, n, T] over a dense cache of T slots
-        (committed slots, then the new tokens at lengths_b..; see `visible_keys`)."""
-        return self._once(("visible", max_len), lambda: visible_keys(
+        (committed slots, then the new tokens at lengths_b..; see `visible_keys`), within a layer's
+        `sliding_window` (None: no window)."""
+        return self._once(("visible", max_len, sliding_window), lambda: visible_keys(
             self.mask_bnn, self.positions_bn, None if max_len is None else self.lengths_b, max_len,
-            self.sliding_window))
+            sliding_window))
 
     def key_positions(self, max_len: int | None) -> jax.Array:
         """The position of every key [B, n] (new tokens) or [B, T] (dense cache slots: committed slot

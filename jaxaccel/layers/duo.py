@@ -32,13 +32,12 @@ def streaming_visible(query_pos_bn: jax.Array, key_pos_bt: jax.Array, sink: int,
 class DuoAttention(Attention):
     """`duo` attention (module doc): retrieval heads see the whole context, streaming heads sink + recent."""
     def __init__(self, config: ModelConfig, layer_index: int = 0, *, rngs: nnx.Rngs):
-        super().__init__(config, rngs=rngs)
+        super().__init__(config, rngs=rngs, layer_index=layer_index)
         spec = config.attention or AttentionSpec(kinds=("duo",))
         retrieval = spec.retrieval_mask(layer_index, config.num_kv_heads)
         self.retrieval_kv = tuple(h for h, r in enumerate(retrieval) if r)
         self.streaming_kv = tuple(h for h, r in enumerate(retrieval) if not r)
         self.sink, self.recent = spec.sink_size, spec.recent_size
-        self.layer_index = layer_index
 
     def __call__(self, x_bnd: jax.Array, ctx: ForwardContext, entry: DuoEntry | None = None):
         b, n, _ = x_bnd.shape
@@ -55,16 +54,16 @@ class DuoAttention(Attention):
             heads, kv = query_heads(self.retrieval_kv, group), list(self.retrieval_kv)
             k_r, v_r = k[:, :, kv], v[:, :, kv]
             if entry is None:
-                outputs.append((heads, attend(q[:, :, heads], k_r, v_r, ctx.visible(None), impl)))
+                outputs.append((heads, attend(q[:, :, heads], k_r, v_r, ctx.visible(None, self.sliding_window), impl)))
             else:
                 retrieval = DenseEntry(keys=write_rows(entry.retrieval.keys, k_r, ctx.lengths_b),
                                        values=write_rows(entry.retrieval.values, v_r, ctx.lengths_b))
                 outputs.append((heads, attend(q[:, :, heads], retrieval.keys, retrieval.values,
-                                              ctx.visible(retrieval.max_len), impl)))
+                                              ctx.visible(retrieval.max_len, self.sliding_window), impl)))
         if self.streaming_kv:
             heads, kv = query_heads(self.streaming_kv, group), list(self.streaming_kv)
             k_s, v_s = k[:, :, kv], v[:, :, kv]
-            new_visible = ctx.visible(None) & streaming_visible(pos_bn, pos_bn, self.sink, self.recent)
+            new_visible = ctx.visible(None, self.sliding_window) & streaming_visible(pos_bn, pos_bn, self.sink, self.recent)
             if entry is None:
                 outputs.append((heads, attend(q[:, :, heads], k_s, v_s, new_visible, impl)))
             else:  # the committed ring, then the new tokens (left pending until commit)
@@ -84,7 +83,7 @@ class DuoAttention(Attention):
     def gated(self, q, k, v, ctx: ForwardContext, gate_k: jax.Array) -> jax.Array:
         """DuoAttention's training form: per KV head, gate * full + (1 - gate) * streaming attention."""
         b, n = q.shape[:2]
-        full_visible = ctx.visible(None)
+        full_visible = ctx.visible(None, self.sliding_window)
         pos_bn = ctx.positions_bn
         impl = self.config.attention_impl
         full = attend(q, k, v, full_visible, impl)

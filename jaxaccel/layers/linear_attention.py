@@ -93,7 +93,7 @@ def fixed_log_decays(num_heads: int) -> np.ndarray:
 class LinearAttention(Attention):
     """`linear` attention (module doc): chunk-parallel in training and prefill, a recurrent state in decoding."""
     def __init__(self, config: ModelConfig, layer_index: int = 0, *, rngs: nnx.Rngs):
-        super().__init__(config, rngs=rngs)
+        super().__init__(config, rngs=rngs, layer_index=layer_index)
         spec = config.attention or AttentionSpec(kinds=("linear",))
         self.chunk_size, self.decay = spec.chunk_size, spec.decay
         self.gate_proj = (dense(config, config.hidden_size, config.num_heads, ("embed", "heads"), True, rngs)

@@ -9,11 +9,12 @@ import numpy as np
 from jaxaccel.config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies [head_dim // 2], including `linear` / `llama3` scaling."""
+def inverse_frequencies(config: ModelConfig, layer: int = 0) -> np.ndarray:
+    """Per-pair rotation frequencies [head_dim // 2] of `layer` (its rope base: see
+    ModelConfig.layer_rope), including `linear` / `llama3` scaling."""
     dim = config.resolved_head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    s = config.rope_scaling
+    theta, s = config.layer_rope(layer)
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if s is None:
         return inv_freq.astype(np.float32)
     if s.kind == "linear":
