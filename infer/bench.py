@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infer.arguments import add_speculative_arguments
 from infer.generate import attention_override
 from jaxaccel.config import ModelConfig
 from jaxaccel.models import model_argument
@@ -144,12 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads for transformers (default: "
                         "torch's own; on an oversubscribed machine its thread barriers can slow it several-fold)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
-    parser.add_argument("--heads", type=Path, action="append", default=[], help="heads directory, or auto (the heads "
-                        "shipped for --model); repeatable")
-    parser.add_argument("--drafter", action="append", default=[], help="training-free drafter NAME[:key=value,...] "
-                        "(pld, recycling; repeatable: one speculative row each; `python -m infer.drafters` lists them)")
-    parser.add_argument("--tree", action="append", help="default | chain | auto | dynamic[:TOPK,DEPTH,NODES] "
-                        "(EAGLE-2) | FILE.json (speculative rows; repeatable: one row per heads and tree)")
+    add_speculative_arguments(parser, repeatable=True)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--num-prompts", type=int, default=8, help="test-split prompts for the speculative rows")
     parser.add_argument("--tune-tree", action="store_true", help="choose and save the best tree for each --heads")

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from infer.arguments import add_speculative_arguments
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m infer.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory or model name (prepared on first use)")
-    parser.add_argument("--heads", type=Path, help="draft heads directory, or auto (the first "
-                        "shipped for --model): decode speculatively")
-    parser.add_argument("--drafter", help="speculative drafter NAME[:key=value,...] (pld, recycling; as infer.generate)")
-    parser.add_argument("--tree", help="with --heads or --drafter: the tree (as infer.generate's --tree)")
+    add_speculative_arguments(parser, repeatable=False)
     parser.add_argument("--system", help="a system message at the start of the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from infer.arguments import add_speculative_arguments
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n\n")[0])
@@ -45,12 +47,7 @@ def parse_args(argv):
     parser.add_argument("--chat", action="store_true", help="each prompt is a user message: apply the model's "
                         "chat template, stop at its end-of-turn token")
     parser.add_argument("--system", help="with --chat: a system message before each prompt")
-    parser.add_argument("--heads", type=Path, help="draft heads directory, or auto (the first "
-                        "shipped for --model): decode speculatively")
-    parser.add_argument("--drafter", help="decode speculatively with a drafter, NAME[:key=value,...]: pld, "
-                        "recycling (training-free, any model; `python -m infer.drafters` lists them and their options)")
-    parser.add_argument("--tree", help="with --heads (or --drafter): default | chain | auto (tuned by infer.bench "
-                        "--tune-tree) | dynamic[:TOPK,DEPTH,NODES] (EAGLE-2, eagle heads) | FILE.json")
+    add_speculative_arguments(parser, repeatable=False)
     parser.add_argument("--attention-impl", choices=("auto", "xla", "pallas"),
                         help="attention implementation (default: the model config's; 'auto': Pallas kernels on "
                         "GPU and TPU, XLA on CPU; 'pallas' on CPU runs the Pallas interpreter, slowly)")

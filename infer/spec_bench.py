@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer.arguments import add_speculative_arguments
 from infer.spec_bench_peers import PEER_NAMES
 from jaxaccel.spec_bench import MT_BENCH
 
@@ -47,12 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infer.spec_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name (python -m infer.models) or model directory")
-    p.add_argument("--heads", type=Path, action="append", default=[], help="heads directory, or auto (the heads "
-                   "shipped for --model); repeatable")
-    p.add_argument("--drafter", action="append", default=[], help="training-free drafter NAME[:key=value,...] "
-                   "(pld, recycling; repeatable: one method each)")
-    p.add_argument("--tree", action="append", help="as infer.bench: default | chain | auto | dynamic[:...] | FILE.json "
-                   "(repeatable: one method per heads and tree)")
+    add_speculative_arguments(p, repeatable=True)
     p.add_argument("--questions", type=Path, help="question file in Spec-Bench's format (default: the shared one)")
     p.add_argument("--no-chat", action="store_true", help="plain question text, no chat template (base models)")
     p.add_argument("--limit", type=int, help="first N questions of each category (file order)")
