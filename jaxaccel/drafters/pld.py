@@ -116,4 +116,4 @@ def make(tree, module, **options) -> PromptLookup:
 
 RECORD = DrafterRecord(
     name="pld", summary="prompt lookup: continue the most recent earlier occurrence of the last n-gram (training-free)",
-    make=make, options=("depth", "branches", "max_ngram", "min_ngram"))
+    make=make, options=("depth", "branches", "max_ngram", "min_ngram"), composes=True)

@@ -32,6 +32,9 @@ class DrafterRecord:
     depth_per_head: bool = False  # one head per tree level: static trees at most num_heads deep
     dynamic_trees: bool = False  # also drafts a DynamicTree (grown per row, EAGLE-2)
     options: tuple[str, ...] = ()  # NAME:key=value options `make` accepts (for the listing)
+    # model_dir -> options a search recorded beside the model (used unless given; {}: none recorded)
+    recorded_options: Callable[[Any], dict] | None = None
+    composes: bool = False  # training-free, and adds its branches to trained heads' tree (--heads DIR --drafter NAME)
 
     @property
     def trained(self) -> bool:
@@ -42,8 +45,7 @@ class DrafterRecord:
         if self.trained and module is None:
             raise ValueError(f"the {self.name} drafter needs trained heads (--heads DIR)")
         if not self.trained and module is not None:
-            raise ValueError(f"the {self.name} drafter takes no trained heads (composing --heads with a "
-                             f"training-free drafter is not supported yet)")
+            raise ValueError(f"the {self.name} drafter takes no trained heads (make_drafter composes them)")
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for drafter {self.name!r}; it takes {list(self.options)}")
@@ -63,7 +65,7 @@ class DrafterRecord:
         return {"name": self.name, "summary": self.summary, "trained": self.trained,
                 "options": list(self.options), "dynamic_trees": self.dynamic_trees,
                 "default_tree_nodes": None if tree is None else tree.num_nodes,
-                "heads_options": list(self.heads_options)}
+                "heads_options": list(self.heads_options), "composes_with_heads": self.composes}
 
     def replace(self, **changes) -> DrafterRecord:
         return dataclasses.replace(self, **changes)

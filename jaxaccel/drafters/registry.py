@@ -17,12 +17,12 @@ The loop, the CLIs (--drafter NAME:options), `python -m infer.drafters`, `make_h
 
 from __future__ import annotations
 
-from jaxaccel.drafters import eagle, hydra, lookahead, medusa, pld, recycling
+from jaxaccel.drafters import eagle, hydra, layerskip, lookahead, medusa, pld, recycling
 from jaxaccel.drafters.protocol import Drafter
 from jaxaccel.drafters.record import DrafterRecord
 
 RECORDS: dict[str, DrafterRecord] = {r.name: r for r in (medusa.RECORD, hydra.RECORD, eagle.RECORD, pld.RECORD,
-                                                         recycling.RECORD, lookahead.RECORD)}
+                                                         recycling.RECORD, lookahead.RECORD, layerskip.RECORD)}
 
 
 def register(record: DrafterRecord) -> DrafterRecord:
@@ -64,13 +64,24 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-def make_drafter(spec: str | None = None, *, heads=None, tree=None) -> Drafter:
-    """The drafter of `spec` ('NAME[:options]'), of trained `heads` (their kind's record), or both
-    when they agree; `tree` overrides the record's default tree."""
+def make_drafter(spec: str | None = None, *, heads=None, tree=None, model_dir=None) -> Drafter:
+    """The drafter of `spec` ('NAME[:options]'), of trained `heads` (their kind's record), or both:
+    the heads' own kind, or a training-free drafter that composes with them (one tree, the heads'
+    `tree` plus its branches; jaxaccel.drafters.compose). `tree` overrides the heads' (or the
+    record's) default tree; `model_dir`: where options a search recorded for this model live."""
     if spec is None and heads is None:
         raise ValueError("make_drafter needs a drafter name or trained heads")
     name, options = parse_spec(spec) if spec is not None else (heads.config.kind, {})
     record = get_record(name)
-    if heads is not None and record.trained and heads.config.kind != name:
+    if record.recorded_options is not None:
+        options = {**record.recorded_options(model_dir), **options}
+    if heads is not None and not record.trained:
+        if not record.composes:
+            composing = [r.name for r in RECORDS.values() if r.composes]
+            raise ValueError(f"--drafter {name} does not compose with --heads (these do: {', '.join(composing)})")
+        from jaxaccel.drafters.compose import Composite
+
+        return Composite.of(make_drafter(heads=heads, tree=tree), record.build(**options))
+    if heads is not None and heads.config.kind != name:
         raise ValueError(f"--drafter {name} with {heads.config.kind} heads: the heads' kind decides their drafter")
     return record.build(module=heads, tree=tree, **options)
