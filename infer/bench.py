@@ -24,7 +24,6 @@ bench.json and bench.md to --out and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -218,9 +217,9 @@ def main(argv=None) -> int:
     table = markdown(report)
     print(table, end="")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-        (args.out / "bench.md").write_text(table)
+        from jaxaccel.files import write_report
+
+        write_report(args.out, "bench", report, table)
     return 0
 
 
@@ -264,11 +263,10 @@ def speculative_main(args) -> int:
     table = speculative_rows.speculative_markdown(report, header)
     print(table, end="")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
+        from jaxaccel.files import write_report
+
         command = "python -m infer.bench " + shlex.join(args.argv)
-        report = {"command": command, "device": str(jax.devices()[0]), **report}
-        (args.out / "spec_bench.json").write_text(json.dumps(report, indent=1, default=str))
-        (args.out / "spec_bench.md").write_text(table)
+        write_report(args.out, "spec_bench", {"command": command, "device": str(jax.devices()[0]), **report}, table)
     return 0
 
 

@@ -257,9 +257,9 @@ def main(argv=None) -> int:
     table = markdown(report)
     print(json.dumps(report, indent=1) if args.json else table, end="\n" if args.json else "")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "demo.json").write_text(json.dumps(report, indent=1))
-        (args.out / "demo.md").write_text(table)
+        from jaxaccel.files import write_report
+
+        write_report(args.out, "demo", report, table)
     print(f"done in {report['seconds']:.1f} s", file=sys.stderr)
     return 0
 

@@ -15,7 +15,6 @@ and its speed figures mean nothing (the JSON says so).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import sys
@@ -144,8 +143,9 @@ def main(argv=None) -> int:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     report = run(args.repeats)
     out = args.out or Path("benchmarks") / device_kind()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(report, indent=1))
+    from jaxaccel.files import write_report
+
+    write_report(out, "kernels", report)
     for row in report["decode_attention"]:
         figures = ", ".join(f"{impl} {row[impl].get('fraction_of_copy_bandwidth', float('nan')):.3f}"
                             for impl in ("xla", "pallas"))

@@ -219,9 +219,9 @@ def main_with(args: argparse.Namespace) -> int:
     table = markdown(report)
     print(table, end="")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
-        args.out.with_suffix(".md").write_text(table)
+        from jaxaccel.files import write_report
+
+        write_report(args.out.parent, args.out.stem, report, table)
     return 0
 
 

@@ -251,9 +251,9 @@ def main(argv=None) -> int:
     table = markdown(report)
     print(json.dumps(report, indent=1) if args.json else table, end="\n" if args.json else "")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "spec_bench.json").write_text(json.dumps(report, indent=1))
-        (args.out / "spec_bench.md").write_text(table)
+        from jaxaccel.files import write_report
+
+        write_report(args.out, "spec_bench", report, table)
     return 0
 
 

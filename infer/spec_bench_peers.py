@@ -125,10 +125,10 @@ def make_peers(names: list[str], model_name: str, model_dir: Path, stop: list[in
         # The methods share the weights; each peer reads only its own pass counter.
         peers |= {method: TransformersPeer(hf, stop, max_new_tokens, extra) for method, extra in TRANSFORMERS}
     if "llama.cpp" in names:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            raise ValueError("--peers llama.cpp needs llama-cpp-python: pip install -e '.[bench]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError("--peers llama.cpp needs llama-cpp-python: pip install -e '.[bench]'")
         for path, precision in llama_cpp_files(model_name):
             label = "F32" if path.stem.endswith(".F32") else path.stem.rsplit(".", 1)[-1]
             for lookup in (False, True):

@@ -12,7 +12,6 @@ speedup vs ar, and at T = 0 whether every token equals ar's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +68,13 @@ def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
                   drafter_specs=()) -> dict[str, tuple[object, dict]]:
     """Method name -> (decoder, info), "ar" first; info: num_nodes, depth, heads, tree, drafter ({}
     for ar). One decoder per (heads directory, tree spec), then one per --drafter spec
-    ('pld', 'recycling:...': training-free, their default trees). Among several tree specs, a
+    ('pld', 'recycling:...': training-free, their default trees) and, for a drafter that composes
+    with heads, one per heads directory and spec (the union tree). Among several tree specs, a
     dynamic one is skipped for heads whose drafter cannot grow one (alone, it is the error it
     would be in infer.generate)."""
     from jaxaccel.decoding import AutoregressiveDecoder
     from jaxaccel.decoding.speculative import SpeculativeDecoder
-    from jaxaccel.drafters import get_record, make_drafter
+    from jaxaccel.drafters import get_record, make_drafter, parse_spec
     from jaxaccel.heads import load_heads
     from jaxaccel.pretrained.shipped_heads import resolve_heads
 
@@ -87,8 +87,9 @@ def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
         decoders[name] = (SpeculativeDecoder(model, drafter), {"num_nodes": drafter.tree.num_nodes,
                                                                "depth": drafter.tree.depth, **info})
 
+    loaded = {}
     for heads_dir in heads_dirs:
-        heads = load_heads(heads_dir, model_dir)
+        heads = loaded[heads_dir] = load_heads(heads_dir, model_dir)
         kind = heads.config.kind
         for tree_spec in tree_specs:
             if len(tree_specs) > 1 and not get_record(kind).dynamic_trees and (tree_spec or "").startswith("dynamic"):
@@ -97,7 +98,12 @@ def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
             add(kind if len(tree_specs) == 1 else f"{kind} ({tree_spec or 'default'})", drafter,
                 {"heads": str(heads_dir), "tree": tree_spec or "default", "drafter": kind})
     for spec in drafter_specs:
-        add(spec, make_drafter(spec), {"drafter": spec, "tree": "default"})
+        add(spec, make_drafter(spec, model_dir=model_dir), {"drafter": spec, "tree": "default"})
+        for heads_dir, heads in loaded.items() if get_record(parse_spec(spec)[0]).composes else ():
+            # The heads' default tree and the drafter's branches, verified together.
+            name = f"{heads.config.kind}+{spec}"
+            add(name, make_drafter(spec, heads=heads, model_dir=model_dir),
+                {"heads": str(heads_dir), "tree": "default", "drafter": name})
     return decoders
 
 
@@ -166,5 +172,7 @@ def tune_tree(model, model_dir: Path, heads_dir: Path, tuning_prompts, timing_pr
     rows = [{k: v for k, v in row.items() if k != "tree"} for row in table]
     report = {"heads": str(heads_dir), "device": str(jax.devices()[0]), "positions": int(len(ranks)),
               "chosen_num_nodes": best.num_nodes, "table": rows}
-    (heads_dir / "tree_tuning.json").write_text(json.dumps(report, indent=1))
+    from jaxaccel.files import write_report
+
+    write_report(heads_dir, "tree_tuning", report)
     return report

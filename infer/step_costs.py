@@ -110,7 +110,6 @@ def step_costs_markdown(report: dict, header: str) -> str:
 
 def main_with(args) -> int:
     """`infer.bench --step-costs`: args from infer.bench (model, heads, tree, repeats, seed, out, argv)."""
-    import json
     import shlex
     import sys
 
@@ -134,7 +133,7 @@ def main_with(args) -> int:
                                         f"measured in one run")
     print(table, end="")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "step_costs.json").write_text(json.dumps(report, indent=1, default=str))
-        (args.out / "step_costs.md").write_text(table)
+        from jaxaccel.files import write_report
+
+        write_report(args.out, "step_costs", report, table)
     return 0

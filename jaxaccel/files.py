@@ -52,3 +52,19 @@ def replace_directory(build: str | os.PathLike, out: str | os.PathLike) -> None:
         os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomically(target: str | os.PathLike, text: str) -> None:
+    """`text` at `target`, atomically (see `write_atomically`)."""
+    write_atomically(target, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_report(out_dir: str | os.PathLike, stem: str, report: dict, table: str | None = None) -> Path:
+    """A program's report as out_dir/STEM.json (and its table as out_dir/STEM.md), each written
+    atomically; returns the JSON's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out_dir / f"{stem}.json", json.dumps(report, indent=1, default=str))
+    if table is not None:
+        write_text_atomically(out_dir / f"{stem}.md", table)
+    return out_dir / f"{stem}.json"
