@@ -84,7 +84,7 @@ def make_decoder(args, model, model_dir: Path):
     heads_dir = None if args.heads is None else resolve_heads([args.heads], model_dir)[0]  # auto: the first shipped
     heads = None if heads_dir is None else load_heads(heads_dir, model_dir)
     tree = resolve_tree(args.tree, heads_dir, heads)
-    return SpeculativeDecoder(model, make_drafter(drafter_spec, heads=heads, tree=tree))
+    return SpeculativeDecoder(model, make_drafter(drafter_spec, heads=heads, tree=tree, model_dir=model_dir))
 
 
 def completion_text(tokenizer, tokens: list[int], chat_stop: tuple[int, ...] = ()) -> str:

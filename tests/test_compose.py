@@ -4,6 +4,7 @@ decoding at T = 0, the base's law at T = 1, and each step accepts what the bette
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_drafters_cli
 from flax import nnx
 from test_drafters import CONFIG, STOP
 from test_layerskip import looping_model, same_law_pvalue
@@ -14,7 +15,11 @@ from jaxaccel.decoding.speculative import SpeculativeDecoder
 from jaxaccel.decoding.tree import DynamicTree, Tree
 from jaxaccel.drafters import Draft, make_drafter
 from jaxaccel.drafters.compose import Composite, union_parents
-from jaxaccel.heads import HeadsConfig, make_heads
+from infer.speculative_rows import make_decoders
+from jaxaccel import load_hf
+from jaxaccel.heads import HeadsConfig, make_heads, save_heads
+
+model_dir = test_drafters_cli.model_dir  # the CLI tests' small model directory (a fixture)
 
 @pytest.fixture(scope="module")
 def base():
@@ -102,3 +107,16 @@ def test_composition_errors(base):
         make_drafter("eagle", heads=heads)
     drafter = make_drafter("pld:depth=4", heads=heads, tree=Tree.chain(2))
     assert drafter.tree.num_nodes == 3 + 4 and drafter.tree.depth == 4 and drafter.heads.module is None
+
+
+def test_the_clis_compose_heads_and_a_drafter(model_dir, tmp_path, capsys):
+    model = load_hf(model_dir)
+    heads_dir = tmp_path / "heads"
+    save_heads(make_heads(HeadsConfig(kind="medusa"), model.config, rngs=nnx.Rngs(1)), heads_dir, model_dir)
+    prompt = ["--model", model_dir, "--prompt", "    return a + b\n\ndef mul(a, b):\n    return", "--max-new-tokens", 20]
+    plain = test_drafters_cli.generate_json(capsys, *prompt)[0]
+    composed = test_drafters_cli.generate_json(capsys, *prompt, "--heads", heads_dir, "--drafter", "pld:depth=4")[0]
+    assert composed["tokens"] == plain["tokens"]
+    decoders = make_decoders(model, model_dir, [heads_dir], [None], ["pld:depth=4", "recycling"])
+    assert list(decoders) == ["ar", "medusa", "pld:depth=4", "medusa+pld:depth=4", "recycling"]
+    assert decoders["medusa+pld:depth=4"][1]["num_nodes"] == decoders["medusa"][1]["num_nodes"] + 4
