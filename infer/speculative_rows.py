@@ -12,7 +12,6 @@ speedup vs ar, and at T = 0 whether every token equals ar's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -173,5 +172,7 @@ def tune_tree(model, model_dir: Path, heads_dir: Path, tuning_prompts, timing_pr
     rows = [{k: v for k, v in row.items() if k != "tree"} for row in table]
     report = {"heads": str(heads_dir), "device": str(jax.devices()[0]), "positions": int(len(ranks)),
               "chosen_num_nodes": best.num_nodes, "table": rows}
-    (heads_dir / "tree_tuning.json").write_text(json.dumps(report, indent=1))
+    from jaxaccel.files import write_report
+
+    write_report(heads_dir, "tree_tuning", report)
     return report
