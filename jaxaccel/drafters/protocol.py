@@ -14,7 +14,10 @@ A drafter is a frozen, hashable object (a static `jit` argument) with
                                               the base's own K/V); read-only in effect: what a
                                               drafter writes into its copy never reaches the loop,
                                               whose verify pass writes every node's K/V itself
-    commit(base, module, state, verified) -> state   after every verify pass
+    commit(base, module, state, verified) -> state   after every verify pass; it reads the pass
+                                              through node indices (`verdict`, the draft's tokens),
+                                              never its own tree's layout: composed with heads
+                                              (jaxaccel.drafters.compose) it gets the union's pass
 
 Optional, the capability to learn across calls (Token Recycling keeps its table from one query
 to the next):
