@@ -164,13 +164,19 @@ def write_gguf(path: Path, name: str = "llama", qtype: str = "F32", *, seed: int
         writer.add_pad_token_id(SPECIALS.index("<|im_end|>"))
         writer.add_add_bos_token(add_bos)
         writer.add_chat_template(CHAT_TEMPLATE)
+    if gguf_arch in ("llama", "mistral"):  # llama.cpp permutes Llama-layout q/k rows
+        for tname, w in weights.items():
+            if tname.endswith(("attn_q.weight", "attn_k.weight")):
+                weights[tname] = permute(w, dims["heads" if tname.endswith("attn_q.weight") else "kv_heads"])
+    write_tensors(writer, weights, qtype, seed, tensor_types)
+    return path
+
+
+def write_tensors(writer, weights: dict[str, np.ndarray], qtype: str, seed: int,
+                  tensor_types: dict[str, str] | None = None) -> None:
+    """Adds the weights (2-D ones in `qtype`, or their `tensor_types` entry), writes the file and closes it."""
     for tname, w in weights.items():
         kind = gguf.GGMLQuantizationType[(tensor_types or {}).get(tname, qtype)]
-        permuted = gguf_arch in ("llama", "mistral")  # llama.cpp permutes Llama-layout q/k rows
-        if permuted and tname.endswith("attn_q.weight"):
-            w = permute(w, dims["heads"])
-        elif permuted and tname.endswith("attn_k.weight"):
-            w = permute(w, dims["kv_heads"])
         if w.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tname, w)
         else:
@@ -179,7 +185,6 @@ def write_gguf(path: Path, name: str = "llama", qtype: str = "F32", *, seed: int
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def sample_texts() -> list[str]:
@@ -297,20 +302,9 @@ def write_gemma_gguf(path: Path, qtype: str = "F32", *, arch: str = "gemma3", se
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)
-    for tname, w in weights.items():
-        if tname in drop:
-            continue
-        if tname.endswith("norm.weight"):
-            w = w + 1.0  # llama.cpp stores Gemma's norm scale 1 + w
-        kind = gguf.GGMLQuantizationType[qtype]
-        if w.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(tname, w)
-        else:
-            writer.add_tensor(tname, quantize(w, kind, seed), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # llama.cpp stores Gemma's norm scale 1 + w
+    stored = {tname: w + 1.0 if tname.endswith("norm.weight") else w for tname, w in weights.items() if tname not in drop}
+    write_tensors(writer, stored, qtype, seed)
     return path
 
 

@@ -1,6 +1,7 @@
-"""Gemma 3 GGUF import, judged by transformers (our model does not run Gemma yet): transformers loading
-our converted directory must equal transformers loading the GGUF file itself, weights, logits and
-tokenizer ids. Tiny llama.cpp-style files, bad inputs, and the real Gemma 3 270M file where present."""
+"""Gemma 3 GGUF import, judged by transformers: transformers loading our converted directory must equal
+transformers loading the GGUF file itself (weights, logits, tokenizer ids), and our own model on that
+directory must match transformers' logits. Tiny llama.cpp-style files, bad inputs, and the real
+Gemma 3 270M file where present."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from gguf_fixtures import (GEMMA_DIMS, gemma_sample_texts, gemma_tokenizer_metad
                            write_gguf)
 from tokenizers import Tokenizer
 
+from jaxaccel import load_hf
 from jaxaccel.gguf_import import GGUFError, convert_gguf
 
 torch = pytest.importorskip("torch")
@@ -70,9 +72,11 @@ def test_tiny_gemma_matches_transformers(tmp_path, arch, qtype, tied):
     assert max_weight_difference(ours, reference) == 0.0  # norms back to w, nothing permuted
     ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(PROMPT).ids
     assert len(ids) > 2 * GEMMA_DIMS["sliding_window"]
-    diff = float(np.abs(logits(ours, ids) - logits(reference, ids)).max())
-    print(f"tiny {arch} {qtype}: max abs logit difference {diff:.3g}")
-    assert diff <= 1e-5
+    expected = logits(reference, ids)
+    diff = float(np.abs(logits(ours, ids) - expected).max())
+    jax_diff = float(np.abs(np.asarray(load_hf(out)(np.array([ids], np.int32))) - expected).max())
+    print(f"tiny {arch} {qtype}: max abs logit difference {diff:.3g} (transformers), {jax_diff:.3g} (ours)")
+    assert diff <= 1e-5 and jax_diff <= 1e-4
     for key in ("layer_types", "sliding_window", "rope_parameters", "head_dim", "query_pre_attn_scalar",
                 "hidden_activation", "tie_word_embeddings", "final_logit_softcapping", "attn_logit_softcapping"):
         assert getattr(ours.config, key) == getattr(reference.config, key), key
@@ -115,6 +119,9 @@ def test_gemma3_files_the_importer_cannot_place_are_named(tmp_path):
                          "holds tensor 'blk.0.attn_q.bias'"),
         "layer count": (dict(metadata={"layers": 7}), "lacks tensors"),
         "head size": (dict(metadata={"head_dim": 128}), "has shape"),
+        "odd head size": (dict(metadata={"head_dim": 255}), "key_length 255 cannot make a model"),
+        "heads": (dict(metadata={"heads": 3, "kv_heads": 2}),
+                  r"unusable config: num_heads \(3\) must be a multiple of num_kv_heads \(2\)"),
         "no window": (dict(metadata={"sliding_window": None}), "lacks metadata gemma3.attention.sliding_window"),
         "no heads": (dict(metadata={"heads": None}), "lacks metadata gemma3.attention.head_count"),
     }

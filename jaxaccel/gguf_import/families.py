@@ -4,11 +4,11 @@ An entry holds what differs between families on the GGUF side: its metadata key 
 key, llama.cpp's `general.architecture`), the Hugging Face family it becomes, llama.cpp's tensor
 names for it, per-tensor transforms that undo what llama.cpp's converter did to the weights, and two
 hooks: `hf_config` (metadata -> Hugging Face config dict) and `layout` (that dict -> config.json and
-every tensor's shape, validated by our own model where it runs the family). What the family itself
-is (biases, QK-norm) stays with `jaxaccel.hf.config_from_hf` for the families our model runs.
+every tensor's shape, validated by our own model). What the family itself is (biases, QK-norm) stays
+with `jaxaccel.hf.config_from_hf`.
 
 Adding a family is one entry; Gemma 2 / 3 (`gemma.py`) list their extra norms in `block_tensors`, a
-transform storing norms back as w - 1, their own config builder and layout, with `permute_qk=False`.
+transform storing norms back as w - 1 and their own config builder, with `permute_qk=False`.
 """
 
 from __future__ import annotations
@@ -20,24 +20,9 @@ import numpy as np
 
 from jaxaccel.gguf_import.config import hf_config_from_metadata
 from jaxaccel.gguf_import.gemma import (END_OF_TURN, GEMMA2_BLOCK_TENSORS, GEMMA3_BLOCK_TENSORS, gemma_hf_config,
-                                        gemma_layout, unshift_norms)
+                                        unshift_norms)
 from jaxaccel.gguf_import.layout import our_layout
-
-# llama.cpp name -> Hugging Face name, outside and inside the blocks (suffix .weight / .bias kept).
-GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-LLAMA_BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+from jaxaccel.gguf_import.names import GLOBAL_TENSORS, LLAMA_BLOCK_TENSORS
 
 # (Hugging Face tensor name, weight in HF layout, num_heads, num_kv_heads) -> the weight as HF stores it.
 Transform = Callable[[str, np.ndarray, int, int], np.ndarray]
@@ -89,11 +74,8 @@ GGUF_FAMILIES = {
     "mistral": GGUFFamily("mistral", permute_qk=True),
     "qwen2": GGUFFamily("qwen2", permute_qk=False),
     "qwen3": GGUFFamily("qwen3", permute_qk=False),
-    # Until our Transformer runs Gemma, its layout is stated in gemma.py (then: layout=our_layout).
     "gemma3": GGUFFamily("gemma3_text", permute_qk=False, block_tensors=GEMMA3_BLOCK_TENSORS,
-                         transforms=(unshift_norms,), hf_config=gemma_hf_config, layout=gemma_layout,
-                         stop_tokens=(END_OF_TURN,)),
+                         transforms=(unshift_norms,), hf_config=gemma_hf_config, stop_tokens=(END_OF_TURN,)),
     "gemma2": GGUFFamily("gemma2", permute_qk=False, block_tensors=GEMMA2_BLOCK_TENSORS,
-                         transforms=(unshift_norms,), hf_config=gemma_hf_config, layout=gemma_layout,
-                         stop_tokens=(END_OF_TURN,)),
+                         transforms=(unshift_norms,), hf_config=gemma_hf_config, stop_tokens=(END_OF_TURN,)),
 }

@@ -1,9 +1,7 @@
 """Gemma 2 and 3 from llama.cpp files: tensor names, the norm offset, and the config facts the metadata omits.
 
-Our `Transformer` does not run Gemma yet, so the Hugging Face config (Gemma3TextConfig, Gemma2Config)
-and the tensor layout (Gemma3ForCausalLM, Gemma2ForCausalLM) are stated here directly rather than
-through `config_from_hf`. When our model learns Gemma, the family's `layout` hook becomes
-`our_layout` and nothing else here changes.
+The metadata becomes a Hugging Face config dict (Gemma3TextConfig, Gemma2Config), which our
+`Transformer` validates and lays out like any other family (`layout.our_layout`).
 """
 
 from __future__ import annotations
@@ -13,27 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxaccel.gguf_import.layout import Layout
+from jaxaccel.gguf_import.names import LLAMA_BLOCK_TENSORS
 from jaxaccel.gguf_import.reader import GGUFError
 
-# llama.cpp block tensor -> Gemma3DecoderLayer parameter. Gemma has four norms per block: llama.cpp's
+# llama.cpp block tensor -> Gemma3DecoderLayer parameter: Llama's, with four norms per block. llama.cpp's
 # "ffn_norm" is the pre-feed-forward norm, and "post_attention_norm" really follows attention (where
 # Llama's HF name `post_attention_layernorm` means the pre-MLP norm).
-GEMMA3_BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+GEMMA3_BLOCK_TENSORS = {**LLAMA_BLOCK_TENSORS, "post_attention_norm": "post_attention_layernorm",
+                        "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 GEMMA2_BLOCK_TENSORS = {k: v for k, v in GEMMA3_BLOCK_TENSORS.items() if k not in ("attn_q_norm", "attn_k_norm")}
 
 # Facts absent from the metadata (Gemma3TextConfig's / Gemma2Config's values; llama.cpp hard-codes the same).
@@ -116,25 +101,3 @@ def gemma_hf_config(meta: dict[str, Any], arch: str, family, tensor_names: set[s
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
-
-
-def gemma_layout(hf: dict[str, Any], path: Path) -> Layout:
-    """Gemma3ForCausalLM's / Gemma2ForCausalLM's parameters for `hf` (checked against transformers in
-    tests/test_gguf_gemma.py)."""
-    d, f, hd = hf["hidden_size"], hf["intermediate_size"], hf["head_dim"]
-    q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
-    shapes = {"model.embed_tokens.weight": (hf["vocab_size"], d), "model.norm.weight": (d,)}
-    if not hf["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (hf["vocab_size"], d)
-    block = {"input_layernorm": (d,), "post_attention_layernorm": (d,), "pre_feedforward_layernorm": (d,),
-             "post_feedforward_layernorm": (d,), "self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d),
-             "self_attn.v_proj": (kv, d), "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d),
-             "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
-    if hf["model_type"] == "gemma3_text":  # QK-norm
-        block.update({"self_attn.q_norm": (hd,), "self_attn.k_norm": (hd,)})
-    for i in range(hf["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in block.items()})
-    if hf["num_attention_heads"] % hf["num_key_value_heads"]:
-        raise GGUFError(f"{path}: {hf['num_attention_heads']} heads do not share {hf['num_key_value_heads']} KV heads")
-    return Layout(hf, shapes, hf["num_attention_heads"], hf["num_key_value_heads"], hf["vocab_size"],
-                  hf["model_type"])

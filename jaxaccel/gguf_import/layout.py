@@ -1,8 +1,8 @@
 """What a converted directory must hold: the config.json it gets and every tensor's name and shape.
 
 A family's `layout` hook turns the Hugging Face config dict built from the metadata into a `Layout`.
-`our_layout` validates through our own `ModelConfig` and `Transformer` (so a family we import is one
-our model runs); a family our model does not run yet (Gemma) states its layout directly.
+`our_layout` validates through our own `ModelConfig` and `Transformer`, so a family we import is one
+our model runs.
 """
 
 from __future__ import annotations
