@@ -3,6 +3,7 @@
     make_drafter("pld")                          prompt lookup, default options
     make_drafter("pld:depth=6,branches=2")       NAME:key=value,... (the CLIs' --drafter)
     make_drafter(heads=heads, tree=tree)         trained heads: their kind's record
+    make_drafter("pld", heads=heads)             both in one tree (a record with `composes`)
     SpeculativeDecoder(model, drafter)
 
 Adding a drafter is one new file plus one record:
@@ -17,12 +18,13 @@ The loop, the CLIs (--drafter NAME:options), `python -m infer.drafters`, `make_h
 
 from __future__ import annotations
 
-from jaxaccel.drafters import eagle, hydra, layerskip, lookahead, medusa, pld, recycling
+from jaxaccel.drafters import eagle, eagle3, hydra, layerskip, lookahead, medusa, pld, recycling
 from jaxaccel.drafters.protocol import Drafter
 from jaxaccel.drafters.record import DrafterRecord
 
-RECORDS: dict[str, DrafterRecord] = {r.name: r for r in (medusa.RECORD, hydra.RECORD, eagle.RECORD, pld.RECORD,
-                                                         recycling.RECORD, lookahead.RECORD, layerskip.RECORD)}
+RECORDS: dict[str, DrafterRecord] = {r.name: r for r in (medusa.RECORD, hydra.RECORD, eagle.RECORD, eagle3.RECORD,
+                                                         pld.RECORD, recycling.RECORD, layerskip.RECORD,
+                                                         lookahead.RECORD)}
 
 
 def register(record: DrafterRecord) -> DrafterRecord:

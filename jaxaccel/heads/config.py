@@ -20,6 +20,7 @@ class HeadsConfig:
     num_blocks: int = 1  # residual SiLU blocks per head (medusa, hydra)
     share_lm_head: bool = False  # the base's frozen LM head instead of trained copies of it (kinds whose record takes it)
     prefix_layer: bool = False  # hydra++: one causal decoder layer over the base hidden states (likewise)
+    draft_vocab_size: int = 0  # a trimmed draft LM head over this many tokens (jaxaccel.draft_vocab); 0: all
 
     def __post_init__(self):
         from jaxaccel.drafters.registry import RECORDS, heads_kinds  # the records import this module
@@ -30,7 +31,9 @@ class HeadsConfig:
             raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}")
-        for option in ("prefix_layer", "share_lm_head"):  # each kind's record says which it takes
+        if self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size must be >= 0 (0: the whole vocabulary), got {self.draft_vocab_size}")
+        for option in ("prefix_layer", "share_lm_head", "draft_vocab_size"):  # each kind's record says which it takes
             if getattr(self, option) and option not in RECORDS[self.kind].heads_options:
                 takers = [name for name in heads_kinds() if option in RECORDS[name].heads_options]
                 raise ValueError(f"{option} is a {' / '.join(takers)} option, not one of {self.kind!r}")

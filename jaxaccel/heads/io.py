@@ -112,7 +112,9 @@ def load_heads(heads_dir: str | os.PathLike, base_dir: str | os.PathLike, dtype:
         if tuple(tensors[name].shape) != tuple(var.shape):
             raise HeadsMismatchError(f"tensor {name!r} in {heads_dir} has shape {tuple(tensors[name].shape)}, "
                                      f"expected {tuple(var.shape)}")
-    return parts.merge({name: tensors[name].astype(jnp.dtype(dtype)) for name in parts.templates})
+    # Floating parameters take `dtype`; integer ones (a draft vocabulary's token map) stay as saved.
+    return parts.merge({name: tensors[name].astype(jnp.dtype(dtype)) if jnp.issubdtype(tensors[name].dtype, jnp.floating)
+                        else tensors[name] for name in parts.templates})
 
 
 def _loaded_config(base_dir: Path, dtype: str = "float32"):
