@@ -62,6 +62,9 @@ def run(args) -> dict:
     if not args.dry_run:
         write_json_atomically(model_dir / RECORD_FILE, record)
     print(json.dumps({k: result[k] for k in ("skip", "depth", "mean_accepted_tokens", "step_cost", "objective")}))
+    if result["objective"] <= 1:
+        print(f"note: no skip set tried beats plain decoding on these prompts ({result['objective']:.2f} tokens per "
+              f"1-token pass of the base; plain decoding makes 1)", file=sys.stderr)
     return record
 
 

@@ -119,8 +119,9 @@ def test_gated_scoring_matches_the_drafter(base, prompts):
 
 
 def test_search_records_its_choice_and_the_drafter_uses_it(base, prompts, tmp_path):
-    result = search_skip(base, prompts[:2], depth=2, rounds=1, sets_per_batch=4, max_new_tokens=9, log=lambda _: None)
-    assert result["objective"] == max(t["objective"] for t in result["tried"])
+    result = search_skip(base, prompts[:2], depth=2, rounds=1, sets_per_batch=4, max_new_tokens=10, log=lambda _: None)
+    assert result["objective"] == max(t["objective"] for t in result["tried"] if t["skip"])
+    assert result["skip_nothing"]["mean_accepted_tokens"] == 3.0  # the base drafting for itself: all accepted
     assert result["step_cost"] == pytest.approx(result["verify_cost"] + 2 * draft_step_cost(base, result["skip"]))
     (tmp_path / "layerskip.json").write_text(json.dumps({"command": "test", "result": result}))
     options = recorded_options(tmp_path)

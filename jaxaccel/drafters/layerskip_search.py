@@ -125,7 +125,8 @@ def search_skip(model, prompts: list[list[int]], *, depth: int, rounds: int = 4,
                 max_new_tokens: int = 32, seed: int = 0, verify: float | None = None, log=print) -> dict:
     """The skip set with the most accepted tokens per unit of step cost (module doc): a dict with
     `skip`, `depth`, `mean_accepted_tokens`, `step_cost`, `objective` (tokens per base 1-token
-    step: above 1, faster than plain decoding in this model of costs) and the candidates tried.
+    step: above 1, faster than plain decoding in this model of costs), `skip_nothing` (the same
+    for the base drafting for itself: every draft accepted, the reference) and the candidates tried.
     `verify`: the verify pass's cost relative to a 1-token pass (None: measured here)."""
     num_layers = model.config.num_layers
     edge = max(1, num_layers // 8)
@@ -146,7 +147,9 @@ def search_skip(model, prompts: list[list[int]], *, depth: int, rounds: int = 4,
                            "objective": accepted / cost}
 
     def best() -> tuple[int, ...]:
-        return max(tried, key=lambda s: tried[s]["objective"])
+        # Skipping nothing accepts every draft but drafts at a full step's cost: scored as the
+        # reference, never chosen.
+        return max((s for s in tried if s), key=lambda s: tried[s]["objective"])
 
     def top(k: int) -> str:
         ranked = sorted(tried.values(), key=lambda t: -t["objective"])[:k]
@@ -164,11 +167,14 @@ def search_skip(model, prompts: list[list[int]], *, depth: int, rounds: int = 4,
         center = set(best())
         moves = [center | {i} for i in middle if i not in center] + [center - {i} for i in center]
         moves += [(center - {i}) | {j} for i in center for j in middle if j not in center]
+        moves = [m for m in moves if m and tuple(sorted(m)) not in tried]
+        if not moves:
+            break
         picks = rng.permutation(len(moves))[:sets_per_batch]
         before = best()
         score([moves[i] for i in picks])
         log(f"round {r}: {top(3)}")
         if best() == before and len(moves) <= sets_per_batch:
             break  # every neighbour was scored and none is better
-    return {**tried[best()], "depth": depth, "verify_cost": verify,
+    return {**tried[best()], "depth": depth, "verify_cost": verify, "skip_nothing": tried[()],
             "tried": sorted(tried.values(), key=lambda t: -t["objective"])}
