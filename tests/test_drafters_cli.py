@@ -60,7 +60,8 @@ def test_make_decoders_takes_drafter_specs(model_dir):
 def test_the_listing_names_every_record(capsys):
     assert drafters_cli.main(["--json"]) == 0
     records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert list(records) == ["medusa", "hydra", "eagle", "pld", "recycling"]
+    assert {"medusa", "hydra", "eagle", "pld", "recycling", "lookahead", "layerskip"} <= set(records)
+    assert records["layerskip"]["composes_with_heads"] and not records["recycling"]["composes_with_heads"]
     assert records["eagle"]["trained"] and records["eagle"]["dynamic_trees"] and not records["pld"]["trained"]
     assert records["pld"]["default_tree_nodes"] == 9 and records["recycling"]["default_tree_nodes"] == 24
     assert drafters_cli.main([]) == 0 and "| pld | nothing (training-free) |" in capsys.readouterr().out
