@@ -4,6 +4,7 @@
     make_drafter("pld:depth=6,branches=2")       NAME:key=value,... (the CLIs' --drafter)
     make_drafter(heads=heads, tree=tree)         trained heads: their kind's record
     make_drafter("pld", heads=heads)             both in one tree (a record with `composes`)
+    make_drafter("pld", heads=heads)             both in one tree (a record with `composes`)
     SpeculativeDecoder(model, drafter)
 
 Adding a drafter is one new file plus one record:
