@@ -153,15 +153,15 @@ def test_train_eagle3_on_cached_features(tmp_path, capsys):
             "--depth", "2", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "2", "--holdout-mod", "4",
             "--checkpoint-every", "2", "--eval-vocab", "20", "--no-progress"]
     assert train_eagle3.main(argv + ["--steps", "2"]) == 0
-    assert train_eagle3.main(argv + ["--steps", "4"]) == 0  # resumes at step 2
+    assert train_eagle3.main(argv + ["--steps", "4", "--export-vocab", "30"]) == 0  # resumes at step 2
     assert "resuming from step 2" in capsys.readouterr().err
     record = json.loads((out / "eval.json").read_text())
-    assert record["step"] == 4 and [d["depth"] for d in record["depths"]] == [0, 1]
+    assert record["step"] == 4 and [d["depth"] for d in record["depths"]] == [0, 1] and record["draft_vocab_size"] == 30
     assert record["draft_vocab"]["coverage_train"] > 0.4  # the 40 most written of 90 answer tokens
     assert [r["draft_vocab_size"] for r in record["by_draft_vocab"]] == [20]
     heads = load_heads(out, model_dir)
-    assert heads.draft_vocab_size == 40 and heads.d2t[...].dtype == jnp.int32
-    np.testing.assert_array_equal(heads.d2t[...], np.load(out / "draft_vocab.npy"))
+    assert heads.draft_vocab_size == 30 and heads.d2t[...].dtype == jnp.int32  # the 30 most frequent of 40
+    np.testing.assert_array_equal(heads.d2t[...], np.load(out / "draft_vocab.npy")[:30])
 
     other = build_chat_model(tmp_path / "other", context=512, seed=5)
     capsys.readouterr()

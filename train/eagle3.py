@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 progress.close()
             heads = training.heads(state["params"])
             if args.export_vocab is not None:
-                heads = truncate_draft_vocab(heads, args.export_vocab, base.config)
+                heads = truncate_draft_vocab(heads, args.export_vocab)
             save_heads(heads, args.out, args.model, fingerprint)
             if not args.no_eval:
                 result = {"kind": "eagle3", "step": int(state["step"]), "draft_vocab": vocab,

@@ -44,7 +44,7 @@ class Eagle3Heads(nnx.Module):
     """The EAGLE-3 draft layer (module doc); jaxaccel.drafters.eagle3 drafts with it."""
 
     def __init__(self, config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs):
-        self.config = config
+        self.config, self.base_config = config, base_config
         self.layer_config = decoder_config(base_config)
         self.capture = feature_layers(base_config.num_layers)  # the base layers it reads (static)
         self.vocab_size = base_config.vocab_size
@@ -133,13 +133,13 @@ class Eagle3Heads(nnx.Module):
         return jnp.stack(states)
 
 
-def truncate_draft_vocab(heads: Eagle3Heads, size: int, base_config: ModelConfig) -> Eagle3Heads:
+def truncate_draft_vocab(heads: Eagle3Heads, size: int) -> Eagle3Heads:
     """The same head over the first `size` tokens of its draft vocabulary (d2t is most frequent
     first, so these are the `size` most frequent): the LM head keeps those rows."""
     if not 0 < size <= heads.draft_vocab_size:
         raise ValueError(f"a draft vocabulary of {heads.draft_vocab_size} tokens cannot be cut to {size}")
     _, state = nnx.split(heads)
-    smaller = nnx.eval_shape(lambda: Eagle3Heads(heads.config.replace(draft_vocab_size=size), base_config,
+    smaller = nnx.eval_shape(lambda: Eagle3Heads(heads.config.replace(draft_vocab_size=size), heads.base_config,
                                                  rngs=nnx.Rngs(0)))
     small_graphdef, small_state = nnx.split(smaller)
     flat = dict(nnx.to_flat_state(state))

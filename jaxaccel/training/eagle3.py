@@ -245,7 +245,7 @@ class Eagle3Training:
         frequent draft tokens (`truncate_draft_vocab`)."""
         heads, rows_dn = self.heads(trainable), self.rows_dn
         if size is not None:
-            heads, rows_dn = truncate_draft_vocab(heads, size, self.parts.base_config), rows_dn[:, :size]
+            heads, rows_dn = truncate_draft_vocab(heads, size), rows_dn[:, :size]
         return heldout_agreement(heads, self.embed_vd, rows_dn, self.features, self.config.seq_len,
                                  self.config.batch_size)
 
