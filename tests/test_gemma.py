@@ -156,3 +156,19 @@ def test_layer_types_of_other_families_are_checked(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelDirectoryError, match=r"unsupported layer_types value\(s\) \['hybrid_attention'\]"):
         load_hf(tmp_path)
+
+
+def test_kv_memory_report(tmp_path, capsys):
+    """infer.kv_memory from config.json alone: a ring of sliding_window slots on the sliding layers."""
+    from infer.kv_memory import main
+
+    config = hf_config(tmp_path)  # 5 layers, 3 sliding with window 4; 2 KV heads of 32; float32
+    assert main(["--model", str(tmp_path / "config.json"), "--context", "16", "48", "--batch", "2", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    per_slot = 2 * 2 * 2 * 32 * 4  # K and V, batch 2, 2 KV heads, head_dim 32, float32
+    lengths = 2 * 4
+    for row, context in zip(rows, (16, 48)):
+        assert row["sliding_layers"] == 3 and row["sliding_window"] == config["sliding_window"] == 4
+        assert row["dense_bytes"] == 5 * context * per_slot + lengths
+        assert row["ring_bytes"] == (3 * 4 + 2 * context) * per_slot + lengths
+    assert main(["--model", str(tmp_path / "missing.json")]) == 2
