@@ -172,6 +172,23 @@ def test_gemma3_270m_matches_transformers(gemma3):
     assert weights == 0.0 and worst <= 1e-5
 
 
+def test_gemma3_270m_ours_matches_transformers(gemma3):
+    """Our Transformer on the converted directory against transformers' GGUF loading. Logits reach
+    ~100 here, so float32 sums in another order differ by ~1e-4."""
+    path, out, reference = gemma3
+    ours = load_hf(out)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    worst = 0.0
+    for prompt in ["The capital of France is", "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"]:
+        ids = tokenizer.encode(prompt).ids
+        expected = logits(reference, ids)
+        got = np.asarray(ours(np.array([ids], np.int32)))
+        worst = max(worst, float(np.abs(got - expected).max()))
+        assert (got[0].argmax(-1) == expected[0].argmax(-1)).all()
+    print(f"Gemma 3 270M: max abs logit difference {worst:.3g} (ours vs transformers on the GGUF)")
+    assert worst <= 1e-3
+
+
 def test_gemma3_270m_config_facts(gemma3):
     path, out, reference = gemma3
     config = json.loads((out / "config.json").read_text())

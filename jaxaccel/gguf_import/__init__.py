@@ -4,7 +4,8 @@
     model, tokenizer = load_gguf("model.gguf")
 
 Modules: `reader` (the file, dequantized tensors, `GGUFError`), `families` (one table entry per
-architecture), `config` (metadata -> config.json), `layout` (config.json and every tensor's shape,
+architecture), `names` (llama.cpp tensor names), `config` (metadata -> config.json), `layout`
+(config.json and every tensor's shape,
 validated by our model), `gemma` (Gemma 2 / 3: names, norm offset, config facts the metadata omits),
 `tokenizer` (metadata -> tokenizer.json; `sentencepiece` for Gemma's), `convert` (the directory,
 written atomically).
