@@ -172,3 +172,21 @@ def test_kv_memory_report(tmp_path, capsys):
         assert row["dense_bytes"] == 5 * context * per_slot + lengths
         assert row["ring_bytes"] == (3 * 4 + 2 * context) * per_slot + lengths
     assert main(["--model", str(tmp_path / "missing.json")]) == 2
+
+
+@pytest.mark.parametrize("gemma", ["gemma3_window"], indirect=True)
+def test_speculative_equals_greedy_past_the_window(gemma):
+    """Prompt lookup with a token tree over the ring caches decodes exactly what greedy decoding does,
+    far past the sliding window (4)."""
+    from jaxaccel.decoding import AutoregressiveDecoder
+    from jaxaccel.decoding.speculative import SpeculativeDecoder
+    from jaxaccel.drafters import make_drafter
+
+    _, _, _, model = gemma
+    rng = np.random.default_rng(3)
+    prompts = [list(np.tile(rng.integers(0, 97, 5), 3)), list(rng.integers(0, 97, 9))]
+    want = AutoregressiveDecoder(model).generate(prompts, max_new_tokens=24)
+    got = SpeculativeDecoder(model, make_drafter("pld:branches=3,depth=4,max_ngram=2")).generate(
+        prompts, max_new_tokens=24)
+    assert got.sequences() == want.sequences()
+    assert got.mean_accepted_tokens() > 1.0  # some drafts were accepted, so the ring kept tree paths

@@ -3,7 +3,8 @@
 A layer class takes (config, layer_index, rngs=) and is called as
 `layer(x_bnd, ctx: ForwardContext, entry) -> (out_bnd, entry)` in all three forward modes
 (training: entry None; prefill and tree verification: the layer's cache entry). The factory
-makes that layer's empty entry: `create_entry(config, layer_index, batch_size, max_len, dtype)`.
+makes that layer's empty entry: `create_entry(config, layer_index, batch_size, max_len, dtype)`
+(the full kind's also takes `sliding`: a ring or a dense entry for a sliding-window layer).
 Which kind each layer runs is `config.layer_kind(i)` (ModelConfig.attention, an AttentionSpec).
 """
 
