@@ -284,7 +284,8 @@ class ModelConfig:
             if unknown:
                 raise ValueError(f"unknown layer type(s) {unknown}; expected one of {LAYER_TYPES}")
             if len(self.layer_types) != self.num_layers:
-                raise ValueError(f"layer_types name {len(self.layer_types)} layers, but the model has {self.num_layers}")
+                raise ValueError(f"layer_types name {len(self.layer_types)} layers, "
+                                 f"but the model has {self.num_layers}")
             if "sliding" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding layers but sliding_window is None")
         if self.hidden_act not in ACTIVATIONS:

@@ -60,7 +60,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     family = hf.get("model_type")
     unknown = sorted(set(hf.get("layer_types") or ()) - set(SUPPORTED_LAYER_TYPES))
     if unknown:
-        raise ModelDirectoryError(f"unsupported layer_types value(s) {unknown}; supported: {list(SUPPORTED_LAYER_TYPES)}")
+        raise ModelDirectoryError(f"unsupported layer_types value(s) {unknown}; "
+                                  f"supported: {list(SUPPORTED_LAYER_TYPES)}")
     if family in gemma.MODEL_TYPES:
         try:
             return ModelConfig(**gemma.config_fields(hf)).replace(**overrides)

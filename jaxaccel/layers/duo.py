@@ -63,7 +63,8 @@ class DuoAttention(Attention):
         if self.streaming_kv:
             heads, kv = query_heads(self.streaming_kv, group), list(self.streaming_kv)
             k_s, v_s = k[:, :, kv], v[:, :, kv]
-            new_visible = ctx.visible(None, self.sliding_window) & streaming_visible(pos_bn, pos_bn, self.sink, self.recent)
+            new_visible = (ctx.visible(None, self.sliding_window)
+                           & streaming_visible(pos_bn, pos_bn, self.sink, self.recent))
             if entry is None:
                 outputs.append((heads, attend(q[:, :, heads], k_s, v_s, new_visible, impl)))
             else:  # the committed ring, then the new tokens (left pending until commit)
