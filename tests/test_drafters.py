@@ -84,7 +84,7 @@ def test_a_drafter_is_one_record(base, prompts, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["pld", "pld:branches=3,depth=4,max_ngram=2", "recycling", "lookahead",
-                                  "lookahead:window=3,ngram=4,candidates=2"])
+                                  "lookahead:window=2,ngram=3,candidates=3"])
 def test_training_free_drafters_equal_greedy(base, prompts, spec):
     want = AutoregressiveDecoder(base).generate(prompts, max_new_tokens=40, stop_tokens=[STOP])
     got = SpeculativeDecoder(base, make_drafter(spec)).generate(prompts, max_new_tokens=40, stop_tokens=[STOP])

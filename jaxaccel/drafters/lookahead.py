@@ -73,9 +73,11 @@ def layout(window: int, ngram: int, candidates: int) -> Layout:
 class Lookahead:
     """Lookahead decoding: a `window` x (`ngram` - 1) Jacobi window and `candidates` pooled n-grams."""
 
-    window: int = 4
-    ngram: int = 3
-    candidates: int = 3
+    # Sized for a small CPU (16 nodes): on 13 Spec-Bench questions with SmolLM2, 9 to 16 nodes drafted
+    # gave about the same accepted tokens per step cost; 4-grams accept the most.
+    window: int = 3
+    ngram: int = 4
+    candidates: int = 2
     module: None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
