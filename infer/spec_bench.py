@@ -6,7 +6,7 @@
     python -m infer.spec_bench --model smollm2-135m-instruct --drafter pld --drafter recycling --limit 2
 
 Questions: Spec-Bench's `question.jsonl` (`--questions FILE` in the same format), first turn only,
-through the model's chat template (`--no-chat`: the plain question text, for base models); `--limit N`
+through the model's chat template (a model without one, or `--no-chat`: the plain question text); `--limit N`
 keeps the first N of each category in file order. Each question is decoded at batch 1 by every
 method in turn (question-major, so load on a shared machine falls on all methods alike), greedy by
 default, up to --max-new-tokens, stopping on the model's EOS and the template's end of turn.
@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model name (python -m infer.models) or model directory")
     add_speculative_arguments(p, repeatable=True)
     p.add_argument("--questions", type=Path, help="question file in Spec-Bench's format (default: the shared one)")
-    p.add_argument("--no-chat", action="store_true", help="plain question text, no chat template (base models)")
+    p.add_argument("--no-chat", action="store_true", help="plain question text, no chat template (the default "
+                   "for a model without one)")
     p.add_argument("--limit", type=int, help="first N questions of each category (file order)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (identical to ar is checked)")
@@ -78,19 +79,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
 
 
-def encode_questions(questions, model_dir: Path, no_chat: bool) -> tuple[list[list[int]], list[int]]:
+def encode_questions(questions, model_dir: Path, chat: bool) -> tuple[list[list[int]], list[int]]:
     """(token ids per question's first turn, end-of-turn stop ids): through the chat template, or
-    the plain text as the tokenizer encodes it with --no-chat."""
+    the plain text as the tokenizer encodes it (`chat` False)."""
     from jaxaccel.chat import ChatTemplate
     from jaxaccel.decoding.text import encode_prompts, load_model_tokenizer
 
     tokenizer = load_model_tokenizer(model_dir)
-    if no_chat:
+    if not chat:
         return encode_prompts(tokenizer, [q.turns[0] for q in questions]), []
-    try:
-        template = ChatTemplate.from_model_dir(model_dir, tokenizer)
-    except ValueError as e:
-        raise ValueError(f"{e} (a base model? pass --no-chat)") from None
+    template = ChatTemplate.from_model_dir(model_dir, tokenizer)
     return [template.encode(template.conversation(q.turns[0])) for q in questions], list(template.stop_ids)
 
 
@@ -181,6 +179,7 @@ def spec_bench(args: argparse.Namespace) -> dict:
 
     from infer.spec_bench_peers import make_peers
     from infer.speculative_rows import make_decoders
+    from jaxaccel.chat import has_chat_template
     from jaxaccel.decoding import make_policy
     from jaxaccel.decoding.text import stop_tokens
     from jaxaccel.hf import load_hf
@@ -192,7 +191,8 @@ def spec_bench(args: argparse.Namespace) -> dict:
     questions = first_per_category(read_questions(args.questions), args.limit)
     model = load_hf(model_dir)
     decoders = make_decoders(model, model_dir, args.heads, args.tree or [None], args.drafter)
-    prompts, turn_end = encode_questions(questions, model_dir, args.no_chat)
+    chat = not args.no_chat and has_chat_template(model_dir)  # a base model reads the plain question
+    prompts, turn_end = encode_questions(questions, model_dir, chat)
     stop = sorted(set(stop_tokens(model.config, model_dir)) | set(turn_end))
     # The speculative cache also holds one tree of unaccepted K/V past the generated tokens.
     room = model.config.max_position_embeddings - args.max_new_tokens - max(
@@ -223,7 +223,7 @@ def spec_bench(args: argparse.Namespace) -> dict:
                          stop=stop, seed=args.seed, progress=not args.no_progress)
     return {"command": "python -m infer.spec_bench " + shlex.join(args.argv), "model": str(model_dir),
             "device": str(jax.devices()[0]), "num_params": model.config.num_params(),
-            "chat": not args.no_chat, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+            "chat": chat, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
             "limit": args.limit, "num_questions": len(questions),
             "skipped_too_long": {"total": sum(skipped.values()), "by_category": skipped},
             "rows": make_rows(runs, info, args.temperature == 0),

@@ -40,7 +40,7 @@ def detail(rows: list[dict]) -> list[str]:
 def markdown(report: dict) -> str:
     """Header, leaderboard table, per-category detail table, and what was skipped."""
     skipped = report["skipped_too_long"]
-    prompts = "chat template" if report["chat"] else "plain text (--no-chat)"
+    prompts = "chat template" if report["chat"] else "plain text (no chat template)"
     lines = [f"model: {report['model']} ({report['num_params'] / 1e6:.2f}M params, {report['device']}), batch 1, "
              f"{report['num_questions']} Spec-Bench questions (first turn, {prompts}), "
              f"{report['max_new_tokens']} new tokens max, temperature {report['temperature']:g}",

@@ -65,6 +65,14 @@ def _eos_ids(file: Path) -> list[int]:
     return eos if isinstance(eos, list) else [] if eos is None else [eos]
 
 
+def has_chat_template(model_dir: str | Path) -> bool:
+    """Whether the directory names a chat template (a base model has none)."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return (model_dir / TEMPLATE_FILE).is_file() or bool(config.get("chat_template"))
+
+
 def read_template(model_dir: Path, tokenizer_config: dict) -> str:
     """The directory's default chat template source; ValueError naming the directory if it has none."""
     if (model_dir / TEMPLATE_FILE).is_file():  # transformers gives the file priority over the config

