@@ -207,7 +207,7 @@ def test_heads_directory_roundtrip_and_base_fingerprint(base, tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(kind="lookahead"), "unknown heads kind 'lookahead'; expected one of ['eagle', 'hydra', 'medusa']"),
+    (dict(kind="lookahead"), "unknown heads kind 'lookahead'; expected one of ['eagle', 'eagle3', 'hydra', 'medusa']"),
     (dict(num_heads=0), "num_heads must be >= 1"),
     (dict(kind="medusa", prefix_layer=True), "prefix_layer is a hydra option"),
     (dict(kind="eagle", share_lm_head=True), "share_lm_head is a medusa / hydra option, not one of 'eagle'"),

@@ -144,7 +144,7 @@ def other_base(base_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kind", "lookahead"], "unknown heads kind 'lookahead'; expected one of ['eagle', 'hydra', 'medusa']"),
+    (["--kind", "lookahead"], "unknown heads kind 'lookahead'; expected one of ['eagle', 'eagle3', 'hydra', 'medusa']"),
     (["--base", "{empty}"], "is not a model directory: it has no config.json"),
     (["--base", "/no/such/model"], "/no/such/model is neither a model directory nor a model name"),
     (["--num-heads", "40"], "40 draft heads need sequences of at least 42 tokens"),
