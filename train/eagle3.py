@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{ckpt.directory} holds step {start}, past --steps {config.steps}")
         n_params = sum(v.size for v in jax.tree.leaves(state["params"]))
         n_tokens = sum(end - start_ for _, start_, end, _ in features.train_seqs)
-        print(f"eagle3: {n_params / 1e6:.2f}M head params, draft vocabulary {size} (covers {vocab['coverage_train']:.3f} of "
-              f"the training answers, {vocab['coverage_heldout']:.3f} held out), {len(features.train_seqs)} training / {len(features.heldout_seqs)} held-out sequences "
+        print(f"eagle3: {n_params / 1e6:.2f}M head params, draft vocabulary {size} (covers "
+              f"{vocab['coverage_train']:.3f} of the training answers, {vocab['coverage_heldout']:.3f} held out), "
+              f"{len(features.train_seqs)} training / {len(features.heldout_seqs)} held-out sequences "
               f"({n_tokens / 1e6:.2f}M tokens) in {len(features.shards)} shards; "
               f"{f'resuming from step {start}' if start else 'starting'}", file=sys.stderr)
         progress = Progress(start, config.steps, config.batch_size * config.seq_len, enabled=not args.no_progress)
