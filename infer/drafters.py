@@ -1,7 +1,7 @@
 """List the drafting methods: `python -m infer.drafters [--json]`.
 
 One row per record of jaxaccel.drafters.registry: its name (what --drafter NAME and a heads kind
-take), whether it needs trained heads (--heads DIR, made by train.heads --kind NAME), its
+take), whether it needs trained heads (--heads DIR, made by the command shown), its
 NAME:key=value options, whether it grows dynamic trees, its default tree's size, and what it does.
 """
 
@@ -22,7 +22,7 @@ def rows() -> list[dict]:
 def table(records: list[dict]) -> str:
     lines = ["| drafter | needs | options | default tree nodes | what it does |", "|---|---|---|---:|---|"]
     for r in records:
-        needs = f"--heads (train.heads --kind {r['name']})" if r["trained"] else "nothing (training-free)"
+        needs = f"--heads (`{r['trainer']}`)" if r["trained"] else "nothing (training-free)"
         options = (", ".join(r["options"]) or "-") + ("; tree: dynamic too" if r["dynamic_trees"] else "")
         nodes = "" if r["default_tree_nodes"] is None else r["default_tree_nodes"]
         lines.append(f"| {r['name']} | {needs} | {options} | {nodes} | {r['summary']} |")

@@ -114,4 +114,5 @@ RECORD = DrafterRecord(
     # Sized for a CPU where a base forward over n tokens costs ~1.2/1.4/1.7x one for n = 2/4/8:
     # 8 nodes, the top-1 chain deepest.
     default_tree=Tree(((0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0))),
-    train_depth=_train_depth, heads_options=("draft_vocab_size",), dynamic_trees=True)
+    train_depth=_train_depth, heads_options=("draft_vocab_size",), dynamic_trees=True,
+    trainer="python -m train.eagle3")

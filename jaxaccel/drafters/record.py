@@ -35,6 +35,7 @@ class DrafterRecord:
     # model_dir -> options a search recorded beside the model (used unless given; {}: none recorded)
     recorded_options: Callable[[Any], dict] | None = None
     composes: bool = False  # training-free, and adds its branches to trained heads' tree (--heads DIR --drafter NAME)
+    trainer: str | None = None  # the command that trains its heads (default: train.heads --kind NAME)
 
     @property
     def trained(self) -> bool:
@@ -65,7 +66,8 @@ class DrafterRecord:
         return {"name": self.name, "summary": self.summary, "trained": self.trained,
                 "options": list(self.options), "dynamic_trees": self.dynamic_trees,
                 "default_tree_nodes": None if tree is None else tree.num_nodes,
-                "heads_options": list(self.heads_options), "composes_with_heads": self.composes}
+                "heads_options": list(self.heads_options), "composes_with_heads": self.composes,
+                "trainer": (self.trainer or f"python -m train.heads --kind {self.name}") if self.trained else None}
 
     def replace(self, **changes) -> DrafterRecord:
         return dataclasses.replace(self, **changes)
