@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+# The names of jaxaccel.families' registry (tests/test_families.py checks), spelled out: the adapters import
+# this module, so it cannot import them.
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU; GeGLU with the tanh-approximated GELU (Gemma)
 LAYER_TYPES = ("full", "sliding")  # per-layer attention span: every earlier key, or the last sliding_window

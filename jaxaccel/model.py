@@ -6,6 +6,7 @@ One forward pass serves three uses:
   verify    `model.forward(tokens_bn, positions_bn, cache=cache, mask=tree_mask_nn)`: n new tokens
             per row at given positions with an [n, n] mask among them, attending to the row's
             cache. Their K/V are written but not committed: `cache.advance` / `cache.keep` decide.
+A family is a set of flags on this one model (jaxaccel.families states each family's flags and config.json).
 Module names follow the Hugging Face checkpoints, so the weight key map (jaxaccel.hf) is short.
 """
 

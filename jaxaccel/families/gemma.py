@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxaccel.config import ModelConfig, RopeScaling
-from jaxaccel.families import hf_dimensions
+from jaxaccel.families.common import Family, FamilyConfigError, hf_dimensions
 
 # Hugging Face model_type -> our family, and our family -> the architecture transformers builds.
 MODEL_TYPES = {"gemma3_text": "gemma3", "gemma2": "gemma2"}
@@ -23,7 +23,7 @@ DEFAULT_PATTERN = {"gemma3": 6, "gemma2": 2}  # every Nth layer is full when a c
 DEFAULT_THETA = {"gemma3": (1_000_000.0, 10_000.0), "gemma2": (10_000.0, None)}  # (global, local)
 
 
-class GemmaConfigError(ValueError):
+class GemmaConfigError(FamilyConfigError):
     """A Gemma config asks for something the Transformer does not do (the message names it)."""
 
 
@@ -150,3 +150,13 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 def whole(x: float) -> int | float:
     """x as an int where it is one (transformers' strict configs type query_pre_attn_scalar as int)."""
     return int(x) if float(x).is_integer() else x
+
+
+def family(name: str) -> Family:
+    model_type = {v: k for k, v in MODEL_TYPES.items()}[name]
+    return Family(name=name, model_type=model_type, architecture=ARCHITECTURES[name], config_fields=config_fields,
+                  config_to_hf=config_to_hf)
+
+
+GEMMA2 = family("gemma2")
+GEMMA3 = family("gemma3")  # model_type gemma3_text: "gemma3" is the multimodal model, which we do not run
