@@ -51,7 +51,7 @@ def test_greedy_speculative_equals_autoregressive(base, kind, options, tree):
 def test_tree_deeper_than_heads_is_an_error(base):
     with pytest.raises(ValueError, match="5 levels deep, but these medusa heads draft only 4"):
         SpeculativeDecoder(base, heads_for(base, "medusa"), tree=Tree.chain(5))
-    with pytest.raises(ValueError, match="dynamic .* trees need eagle heads, not hydra"):
+    with pytest.raises(ValueError, match="dynamic .* trees need eagle or eagle3 heads, not hydra"):
         SpeculativeDecoder(base, heads_for(base, "hydra"), tree=DynamicTree(topk=2, depth=2, num_nodes=4))
 
 
