@@ -66,8 +66,9 @@ class LlamaCppPeer:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         draft = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS) if lookup else None
+        # Prompt lookup verifies its drafts from every position's logits, so it needs them all kept.
         self.llm = Llama(model_path=str(gguf_file), n_ctx=context, n_threads=threads or os.cpu_count(),
-                         draft_model=draft, verbose=False)
+                         draft_model=draft, logits_all=lookup, verbose=False)
         self.precision, self.stop, self.max_new_tokens = precision, stop, max_new_tokens
         self.calls = 0
         evaluate = self.llm.eval
