@@ -50,9 +50,13 @@ class EagleDrafter:
             predicted_bnd, _ = heads.features(base, feats_bnd, draft_bn[:, :n], positions_bn, cache=state.cache,
                                               mask=tree.mask_nn[:n, :n])
             parents = np.flatnonzero(tree.depth_n == k)
-            top_bpr = top_ranks(base.logits(predicted_bnd[:, parents]), tree.max_rank)
+            top_bpr = self.top_tokens(base, heads, predicted_bnd[:, parents], tree.max_rank)
             draft_bn = place_children(tree, draft_bn, k + 1, top_bpr, parents)
         return Draft(draft_bn, tree.batch(b))
+
+    def top_tokens(self, base, heads, states_bnd: jax.Array, max_rank: int) -> jax.Array:
+        """[B, n, max_rank] the best draft tokens after each state (through the base's LM head)."""
+        return top_ranks(base.logits(states_bnd), max_rank)
 
     def commit(self, base, heads, state: HeadsState, verified: Verified) -> HeadsState:
         # Entry j (position L-1+j) fuses the base feature at L-1+j with the accepted token at L+j.

@@ -16,21 +16,20 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxaccel.decoding.tree import DynamicTree, Tree
-from jaxaccel.drafters.common import HeadsState, at_last_accepted, last_prompt_state, place_children, root_only, top_ranks
-from jaxaccel.drafters.eagle import DynamicEagleDrafter
+from jaxaccel.drafters.common import HeadsState, at_last_accepted, last_prompt_state, top_ranks
+from jaxaccel.drafters.eagle import DynamicEagleDrafter, EagleDrafter
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
 from jaxaccel.heads.eagle3 import Eagle3Heads
 
 
 @dataclass(frozen=True)
-class Eagle3Drafter:
-    """Depth by depth over the draft layer: every node drafted so far is an entry (its parent's
-    output state, or the base's fused feature for the root, with its token) under the tree's
-    ancestor mask; the entries of the deepest level give the next level's top-r draft tokens."""
+class Eagle3Drafter(EagleDrafter):
+    """EagleDrafter's depth-by-depth drafting (every node drafted so far an entry: its parent's
+    output state, or the base's fused feature for the root, with its token), ranked through the
+    trimmed LM head; its own start and commit over the fused low/middle/high features."""
 
     tree: Tree
     module: Eagle3Heads | None = field(default=None, compare=False, repr=False)
@@ -45,22 +44,9 @@ class Eagle3Drafter:
         _, cache = heads.features(base, fused_bsd, next_bs, cache=cache)
         return HeadsState(cache=cache.advance(lengths_b - 1), head_input_bd=last_prompt_state(fused_bsd, lengths_b))
 
-    def draft(self, base, heads, state: HeadsState, root_b: jax.Array, cache) -> Draft:
-        tree = self.tree
-        b, d = state.head_input_bd.shape
-        draft_bn = root_only(tree, root_b)
-        states_bnd = jnp.zeros((b, 0, d), state.head_input_bd.dtype)
-        d2t = heads.d2t[...]
-        for k in range(tree.depth):
-            n = int(np.sum(tree.depth_n <= k))  # nodes are sorted by depth: entries 0 .. n-1
-            feats_bnd = jnp.concatenate([state.head_input_bd[:, None], states_bnd[:, tree.parent_n[1:n]]], axis=1)
-            positions_bn = state.cache.lengths[:, None] + tree.depth_n[:n]
-            states_bnd, _ = heads.features(base, feats_bnd, draft_bn[:, :n], positions_bn, cache=state.cache,
-                                           mask=tree.mask_nn[:n, :n])
-            parents = np.flatnonzero(tree.depth_n == k)
-            top_bpr = d2t[top_ranks(heads.draft_logits(states_bnd[:, parents]), tree.max_rank)]
-            draft_bn = place_children(tree, draft_bn, k + 1, top_bpr, parents)
-        return Draft(draft_bn, tree.batch(b))
+    def top_tokens(self, base, heads, states_bnd: jax.Array, max_rank: int) -> jax.Array:
+        """Top ranks over the trimmed LM head, mapped back to target token ids through d2t."""
+        return heads.d2t[...][top_ranks(heads.draft_logits(states_bnd), max_rank)]
 
     def commit(self, base, heads, state: HeadsState, verified: Verified) -> HeadsState:
         # Entry j (position L-1+j) combines the fused feature at L-1+j with the accepted token at L+j.
