@@ -13,7 +13,8 @@ One run, the same weights and prompts for all three, greedy, a fixed number of n
 With --heads, the table is the speculative one (see infer/speculative_rows.py): ar vs each heads
 directory at each --temperatures, on --num-prompts test-split prompts decoded at batch 1.
 --tune-tree measures this device's step cost per tree size and the heads' acceptance on
-validation-split prompts, and saves the best tree beside the heads (`--tree auto` uses it).
+prompts never evaluated on (a chat model's training prompts held out from head training, else
+validation-split snippets), and saves the best tree beside the heads (`--tree auto` uses it).
 
 `--random-params N` builds a random Llama of about N MB of float32 weights (no download) and
 saves it to a temporary directory for transformers. Prompts come from the test split of the
@@ -75,6 +76,23 @@ def make_prompts(model_dir: Path, vocab_size: int, batch_size: int, prompt_len: 
             return prompts
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab_size, (batch_size, prompt_len)).tolist()
+
+
+def tuning_prompts(model_dir: Path, vocab_size: int, n: int, prompt_len: int, seed: int) -> list[list[int]]:
+    """Prompts to tune trees on, never evaluated on: for a chat model, `n` training prompts held out
+    from head training (jaxaccel.training.prompts.is_heldout; seeded), through its chat template
+    (up to 4 * prompt_len tokens); else validation-split corpus snippets (make_prompts)."""
+    from jaxaccel.chat import has_chat_template
+
+    if not has_chat_template(model_dir):
+        return make_prompts(model_dir, vocab_size, n, prompt_len, seed, split="validation")
+    from jaxaccel.chat import ChatTemplate
+    from jaxaccel.training.prompts import is_heldout, read_train_prompts
+
+    template = ChatTemplate.from_model_dir(model_dir)
+    held = [p for p in read_train_prompts() if is_heldout(p.key)]
+    encoded = (template.encode(template.conversation(held[i].text)) for i in np.random.default_rng(seed).permutation(len(held)))
+    return [ids for ids in encoded if len(ids) <= 4 * prompt_len][:n]
 
 
 def time_transformers(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, repeats: int) -> dict:
@@ -237,8 +255,7 @@ def speculative_main(args) -> int:
     try:
         model = load_hf(args.model, **attention_override(args))
         if args.tune_tree:
-            tuning = make_prompts(args.model, model.config.vocab_size, 16, args.prompt_len, args.seed + 1,
-                                  split="validation")
+            tuning = tuning_prompts(args.model, model.config.vocab_size, 16, args.prompt_len, args.seed + 1)
             from jaxaccel.pretrained.shipped_heads import resolve_heads
 
             for heads_dir in resolve_heads(args.heads, args.model):

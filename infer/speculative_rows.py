@@ -18,6 +18,7 @@ import numpy as np
 
 TUNE_SIZES = (2, 4, 8, 16, 24, 32, 48, 64)
 TUNE_MAX_RANK = 8
+TUNE_AUTOREGRESSIVE_DEPTH = 6  # how deep trees of heads that draft any depth (eagle, eagle3) may grow
 
 
 def resolve_tree(spec: str | None, heads_dir: Path | None, heads):
@@ -153,7 +154,7 @@ def tune_tree(model, model_dir: Path, heads_dir: Path, tuning_prompts, timing_pr
     from jaxaccel.heads import load_heads
 
     heads = load_heads(heads_dir, model_dir)
-    depth = heads.config.num_heads
+    depth = TUNE_AUTOREGRESSIVE_DEPTH if getattr(heads, "autoregressive", False) else heads.config.num_heads
     continuations = AutoregressiveDecoder(model).generate(tuning_prompts, max_new_tokens=max_new_tokens).sequences()
     width = max(len(p) + len(c) for p, c in zip(tuning_prompts, continuations))
     tokens_bt = np.zeros((len(tuning_prompts), width), np.int32)

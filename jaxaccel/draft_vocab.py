@@ -20,6 +20,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+
+class DraftVocab(nnx.Variable):
+    """A head's d2t map as a module variable: saved with the head, never trained."""
 
 
 def answer_token_counts(responses_dir: str | os.PathLike, vocab_size: int) -> np.ndarray:
@@ -50,6 +55,20 @@ def coverage(counts_v: np.ndarray, sizes) -> dict[int, float]:
     total = max(int(counts_v.sum()), 1)
     ranked = np.sort(counts_v)[::-1].cumsum()
     return {int(n): float(ranked[min(n, len(ranked)) - 1] / total) for n in sizes}
+
+
+def checked_d2t(d2t, size: int, vocab_size: int) -> np.ndarray:
+    """d2t as int32 [size], after checking that it is `size` distinct token ids below `vocab_size`."""
+    d2t = np.asarray(d2t)
+    if d2t.shape != (size,) or not np.issubdtype(d2t.dtype, np.integer):
+        raise ValueError(f"d2t must be {size} token ids (the draft vocabulary size), got shape {d2t.shape} "
+                         f"of {d2t.dtype}")
+    if d2t.min() < 0 or d2t.max() >= vocab_size:
+        raise ValueError(f"d2t holds token ids outside a vocabulary of {vocab_size} "
+                         f"(range {d2t.min()}..{d2t.max()})")
+    if np.unique(d2t).size != size:
+        raise ValueError("d2t repeats a token id: a draft vocabulary lists each token once")
+    return d2t.astype(np.int32)
 
 
 def to_target_logits(draft_logits_bn: jax.Array, d2t: jax.Array, vocab_size: int) -> jax.Array:

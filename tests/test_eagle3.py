@@ -18,6 +18,7 @@ from scipy import stats
 from jaxaccel import ModelConfig, Transformer
 from jaxaccel.decoding import AutoregressiveDecoder, Sampler
 from jaxaccel.decoding.speculative import SpeculativeDecoder
+from jaxaccel.decoding.tune import draft_ranks
 from jaxaccel.decoding.tree import DynamicTree, Tree
 from jaxaccel.draft_vocab import draft_vocab
 from jaxaccel.drafters import Prefill, make_drafter
@@ -110,6 +111,34 @@ def test_drafts_come_from_the_draft_vocabulary(base, prompts, heads):
     # The captured states the loop hands over are the cached features' computation.
     layers_btkd, _ = layer_features(base, tokens_bs, drafter.capture)
     np.testing.assert_allclose(captured_bskd, layers_btkd, atol=1e-5)
+
+
+def test_tree_tuning_ranks_are_the_drafters_own(base, prompts, heads):
+    """draft_ranks (what --tune-tree measures) for an EAGLE-3 head: along the greedy text, the
+    drafter's chain from each position proposes the true next tokens exactly where their rank is 0."""
+    text = AutoregressiveDecoder(base).generate([prompts[1]], max_new_tokens=24).sequences()[0]
+    tokens = np.asarray(prompts[1] + text, np.int32)
+    width, depth = len(tokens), 3
+    ranks = draft_ranks(base, heads, tokens[None], np.array([len(prompts[1])]), np.array([width]), depth, max_rank=8)
+    lengths = np.arange(len(prompts[1]), width - depth)  # a step after each prefix tokens[:L]
+    assert len(ranks) == len(lengths)
+    drafter = dataclasses.replace(make_drafter(heads=heads, tree=Tree(((0,), (0, 0), (0, 0, 0)))), module=None)
+
+    @nnx.jit
+    def chains(base, heads, tokens_bs, lengths_b):
+        out = base.forward(tokens_bs, capture=drafter.capture)
+        root_b = tokens_bs[jnp.arange(tokens_bs.shape[0]), lengths_b]  # the base's greedy token after each prefix
+        state = drafter.start(base, heads, Prefill(hidden_bsd=out.hidden, tokens_bs=tokens_bs, lengths_b=lengths_b,
+                                                   first_b=root_b, cache_len=64, captured_bskd=out.captured))
+        return drafter.draft(base, heads, state, root_b, None).tokens_bn
+
+    draft_bn = np.asarray(chains(base, heads, jnp.asarray(np.tile(tokens, (len(lengths), 1))), jnp.asarray(lengths, jnp.int32)))
+    for row, length in enumerate(lengths):
+        for k in range(depth):  # node k + 1 drafts the token at length + k + 1, given the chain before it is right
+            assert (draft_bn[row, k + 1] == tokens[length + k + 1]) == (ranks[row, k] == 0), (row, k)
+            if ranks[row, k] != 0:
+                break
+    assert (ranks[:, 0] == 0).mean() > 0.3  # the trained head is right often enough for the deeper checks to run
 
 
 def first_tokens(result, k):

@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jaxaccel.training.prompts import HOLDOUT_MOD
 from train.common import Progress, guarded_main
 
 
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("--weight-decay", float, 0.0, "AdamW weight decay"),
         ("--depth-decay", float, 0.8, "step s's loss weighs DECAY ** s"),
         ("--seed", int, 0, "init and data-order seed"),
-        ("--holdout-mod", int, 32, "hold out the sequences whose key hashes to 0 mod this"),
+        ("--holdout-mod", int, HOLDOUT_MOD, "hold out the sequences whose key hashes to 0 mod this"),
         ("--checkpoint-every", int, 50, "save a checkpoint every K steps"),
         ("--keep-checkpoints", int, 2, "keep the newest N checkpoints"),
     ]:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decoding.tree import Tree
+from jaxaccel.draft_vocab import to_target_logits
 
 
 def draft_ranks(base, heads, tokens_bt: np.ndarray, starts_b: np.ndarray, ends_b: np.ndarray, depth: int,
@@ -29,10 +30,15 @@ def draft_ranks(base, heads, tokens_bt: np.ndarray, starts_b: np.ndarray, ends_b
     whose continuation lies inside the row's first ends_b[b] tokens (ranks >= max_rank are
     recorded as max_rank: a miss)."""
 
+    capture = tuple(getattr(heads, "capture", ()))  # EAGLE-3 reads chosen layers' states, the others the last
+
     @jax.jit
     def ranks_fn(tokens_bt):
-        hidden_btd = base.forward(tokens_bt).hidden
-        logits_kbtv = heads.teacher_forced(base, hidden_btd, tokens_bt, depth).logits_kbtv
+        out = base.forward(tokens_bt, capture=capture)
+        logits_kbtv = heads.teacher_forced(base, out.captured if capture else out.hidden, tokens_bt, depth).logits_kbtv
+        d2t = getattr(heads, "d2t", None)
+        if d2t is not None:  # a trimmed draft vocabulary: a token outside it is never drafted (a miss)
+            logits_kbtv = to_target_logits(logits_kbtv, d2t[...], base.config.vocab_size)
         t = tokens_bt.shape[1]
         ranks = []
         for k in range(depth):

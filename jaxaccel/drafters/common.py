@@ -24,6 +24,15 @@ def top_ranks(logits_xv: jax.Array, k: int) -> jax.Array:
     return jax.lax.top_k(logits_xv, k)[1].astype(jnp.int32)
 
 
+def top_draft_tokens(heads, logits_xn: jax.Array, k: int) -> jax.Array:
+    """[..., k] target token ids of the k most likely entries of heads' logits over their draft
+    vocabulary (medusa, hydra: mapped through d2t when it is trimmed), best first."""
+    if k > logits_xn.shape[-1]:
+        raise ValueError(f"the tree ranks {k} tokens per node, more than the heads' draft vocabulary "
+                         f"({logits_xn.shape[-1]} tokens)")
+    return heads.target_tokens(top_ranks(logits_xn, k))
+
+
 def last_prompt_state(hidden_bsd: jax.Array, lengths_b: jax.Array) -> jax.Array:
     """[B, d] the state at each prompt's last position."""
     return jnp.take_along_axis(hidden_bsd, (lengths_b - 1)[:, None, None], axis=1)[:, 0]

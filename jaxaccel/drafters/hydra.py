@@ -2,7 +2,9 @@
 
 State: HeadsState with head_input_bd = the base's (or the prefix layer's) state at position L - 1,
 L the base cache's length; the prefix layer's cache holds positions 0 .. L - 1. Depth by depth,
-head k reads each depth-k node's path of tokens and drafts its children.
+head k reads each depth-k node's path of tokens and drafts its children. Heads over a trimmed
+draft vocabulary propose only its tokens (top ranks mapped through d2t); verification still scores
+the whole vocabulary, so the output is unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decoding.tree import Tree
-from jaxaccel.drafters.common import HeadsState, at_last_accepted, last_prompt_state, place_children, root_only, top_ranks
+from jaxaccel.drafters.common import (HeadsState, at_last_accepted, last_prompt_state, place_children, root_only,
+                                      top_draft_tokens)
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
 from jaxaccel.heads.hydra import HydraHeads
@@ -40,7 +43,7 @@ class HydraDrafter:
             parents = np.flatnonzero(tree.depth_n == k)
             path_bpj = tokens_bn[:, tree.ancestors_nd[parents][:, :k + 1]]
             h_bpd = jnp.broadcast_to(state.head_input_bd[:, None], path_bpj.shape[:2] + state.head_input_bd.shape[-1:])
-            top_bpr = top_ranks(heads.head(base, k, h_bpd, path_bpj), tree.max_rank)
+            top_bpr = top_draft_tokens(heads, heads.head(base, k, h_bpd, path_bpj), tree.max_rank)
             tokens_bn = place_children(tree, tokens_bn, k + 1, top_bpr, parents)
         return Draft(tokens_bn, tree.batch(root_b.shape[0]))
 
@@ -61,4 +64,4 @@ RECORD = DrafterRecord(
     default_tree=Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0),
                        (1, 0, 0), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 0, 0))),
     train_depth=lambda heads_config, distill_config: heads_config.num_heads,
-    heads_options=("share_lm_head", "prefix_layer"), depth_per_head=True)
+    heads_options=("share_lm_head", "prefix_layer", "draft_vocab_size"), depth_per_head=True)

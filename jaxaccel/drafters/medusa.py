@@ -2,7 +2,8 @@
 
 State: HeadsState(cache=None, head_input_bd = the base's hidden state at position L - 1), with L
 the base cache's length. Head k's top-r tokens fill every depth-(k+1) node of rank r (Medusa's
-Cartesian tree).
+Cartesian tree). Heads over a trimmed draft vocabulary propose only its tokens (top ranks mapped
+through d2t); verification still scores the whole vocabulary, so the output is unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxaccel.decoding.tree import Tree
-from jaxaccel.drafters.common import HeadsState, at_last_accepted, last_prompt_state, root_only, top_ranks
+from jaxaccel.drafters.common import HeadsState, at_last_accepted, last_prompt_state, root_only, top_draft_tokens
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
 from jaxaccel.heads.medusa import MedusaHeads
@@ -30,7 +31,7 @@ class MedusaDrafter:
 
     def draft(self, base, heads, state: HeadsState, root_b, cache) -> Draft:
         tree = self.tree
-        top_kbr = top_ranks(heads(base, state.head_input_bd, tree.depth), tree.max_rank)
+        top_kbr = top_draft_tokens(heads, heads(base, state.head_input_bd, tree.depth), tree.max_rank)
         nodes = np.arange(1, tree.num_nodes)
         tokens_bn = root_only(tree, root_b).at[:, nodes].set(top_kbr[tree.depth_n[nodes] - 1, :, tree.rank_n[nodes]].T)
         return Draft(tokens_bn, tree.batch(root_b.shape[0]))
@@ -46,4 +47,4 @@ RECORD = DrafterRecord(
     default_tree=Tree(((0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0),
                        (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0, 0))),
     train_depth=lambda heads_config, distill_config: heads_config.num_heads,
-    heads_options=("share_lm_head",), depth_per_head=True)
+    heads_options=("share_lm_head", "draft_vocab_size"), depth_per_head=True)

@@ -5,7 +5,9 @@ from the base with `heads.init_from_base(base)`, and trained through one method,
 
     heads.teacher_forced(base, hidden_btd, tokens_bt, depth) -> DraftOutput(logits_kbtv, features_kbtd)
 
-whose row t of depth k drafts the token at t + k + 2 (see jaxaccel.heads.common). The base model
+whose row t of depth k drafts the token at t + k + 2 (see jaxaccel.heads.common; over a trimmed
+draft vocabulary, `draft_vocab_size` N > 0, the logits cover N tokens that `d2t` maps to target
+ids, set by `init_from_base(base, d2t)`: medusa, hydra, eagle3). The base model
 is an argument, never an attribute: its parameters stay out of the heads' state (frozen, not in
 the optimizer). Each kind's module docstring gives its drafting API for the speculative loop;
 `load_heads` reads a heads directory after checking that it belongs to the base model. Each kind

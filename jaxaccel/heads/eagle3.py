@@ -26,8 +26,8 @@ from flax import nnx
 
 from jaxaccel.cache import KVCache
 from jaxaccel.config import ModelConfig
-from jaxaccel.draft_vocab import to_target_logits
-from jaxaccel.heads.common import base_lm_kernel, decoder_config, param, run_decoder_layer
+from jaxaccel.draft_vocab import DraftVocab, to_target_logits
+from jaxaccel.heads.common import DraftOutput, base_lm_kernel, decoder_config, param, run_decoder_layer
 from jaxaccel.heads.config import HeadsConfig
 from jaxaccel.heads.eagle import unroll_mask
 from jaxaccel.layers.linear import INIT_STD
@@ -36,12 +36,10 @@ from jaxaccel.model import DecoderLayer, Transformer
 from jaxaccel.training.features import feature_layers
 
 
-class DraftVocab(nnx.Variable):
-    """The draft-to-target token map: saved with the head, never trained."""
-
-
 class Eagle3Heads(nnx.Module):
     """The EAGLE-3 draft layer (module doc); jaxaccel.drafters.eagle3 drafts with it."""
+
+    autoregressive = True  # drafts any depth (num_heads is the depth it was trained to unroll)
 
     def __init__(self, config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs):
         self.config, self.base_config = config, base_config
@@ -131,6 +129,14 @@ class Eagle3Heads(nnx.Module):
             if s + 1 < depth:
                 inputs.append(self.combine(states[-1], shift(embeds_btd, s + 1)))
         return jnp.stack(states)
+
+
+    def teacher_forced(self, base: Transformer, captured_btkd: jax.Array, tokens_bt: jax.Array, depth: int) -> DraftOutput:
+        """`unrolled` along the true tokens from the base's captured states (jaxaccel.decoding.tune):
+        logits over the draft vocabulary [depth, B, T, N] (step s at row t drafts the token at t + s + 2)."""
+        embeds_btd = base.embed_tokens(jnp.pad(tokens_bt[:, 1:], ((0, 0), (0, 1))))
+        states_kbtd = self.unrolled(self.fuse(captured_btkd), embeds_btd, depth)
+        return DraftOutput(logits_kbtv=self.draft_logits(states_kbtd), features_kbtd=states_kbtd)
 
 
 def truncate_draft_vocab(heads: Eagle3Heads, size: int) -> Eagle3Heads:

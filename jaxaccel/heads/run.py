@@ -41,7 +41,11 @@ GENERATION_STEP = 2**40  # the batch_at "step" that picks the generation prompts
 
 
 def check_setup(heads_config: HeadsConfig, config: DistillConfig, context: int) -> None:
-    """Errors that name the problem: sequences longer than the context, more heads than fit."""
+    """Errors that name the problem: sequences longer than the context, more heads than fit, a
+    trimmed draft vocabulary (those heads train on cached features)."""
+    if heads_config.draft_vocab_size:
+        raise ValueError("heads over a trimmed draft vocabulary (draft_vocab_size) train on cached base features: "
+                         "python -m train.hydra (hydra, hydra++) or python -m train.eagle3, not train.heads")
     if config.seq_len > context:
         raise ValueError(f"seq_len ({config.seq_len}) exceeds the base model's context ({context} positions)")
     depth = max(heads_config.num_heads, train_depth(heads_config, config))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from jaxaccel.heads.eagle3 import Eagle3Heads, truncate_draft_vocab
 from jaxaccel.heads.registry import HeadParts
 from jaxaccel.training import optim
 from jaxaccel.training.features import read_shard
+from jaxaccel.training.prompts import HOLDOUT_MOD, is_heldout
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Eagle3TrainConfig:
     clip_norm: float = 1.0
     depth_decay: float = 0.8
     seed: int = 0
-    holdout_mod: int = 32
+    holdout_mod: int = HOLDOUT_MOD
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
 
@@ -91,7 +91,7 @@ class FeatureSet:
             starts = shard["starts"]
             for r, key in enumerate(shard["meta"]["keys"]):
                 seq = (i, int(starts[r]), int(starts[r + 1]), int(shard["prompt_lens"][r]))
-                held = zlib.crc32(str(key).encode()) % holdout_mod == 0
+                held = is_heldout(key, holdout_mod)
                 (self.heldout_seqs if held else self.train_seqs).append(seq)
         if not self.train_seqs or not self.heldout_seqs:
             raise ValueError(f"{directory} holds too few sequences to split into training and held-out ones")

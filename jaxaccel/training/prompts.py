@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,15 @@ class TrainPrompt:
     @property
     def key(self) -> str:
         return f"{self.source}:{self.index}"
+
+
+HOLDOUT_MOD = 32  # heads never train on the prompts whose key hashes to 0 mod this
+
+
+def is_heldout(key: str, mod: int = HOLDOUT_MOD) -> bool:
+    """Whether the prompt (or the sequence answering it) with this key is held out from head training:
+    stable as prompts and answer shards are added."""
+    return zlib.crc32(str(key).encode()) % mod == 0
 
 
 def _join(instruction: str, extra: str) -> str:
