@@ -2,34 +2,30 @@
 T = 0, the base's law at T = 1, drafts only from the draft vocabulary, cached features equal to
 the loop's captured ones, and train.eagle3 on cached features end to end."""
 
-import collections
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from chat_models import build_chat_model
+from drafter_fixtures import (briefly_trained, cached_features, greedy_answers, looping_model, random_prompts,
+                              same_law_pvalue)
 from flax import nnx
-from scipy import stats
 
-from jaxaccel import ModelConfig, Transformer
+from jaxaccel import ModelConfig
 from jaxaccel.decoding import AutoregressiveDecoder, Sampler
 from jaxaccel.decoding.speculative import SpeculativeDecoder
 from jaxaccel.decoding.tune import draft_ranks
 from jaxaccel.decoding.tree import DynamicTree, Tree
-from jaxaccel.draft_vocab import draft_vocab
 from jaxaccel.drafters import Prefill, make_drafter
 from jaxaccel.heads import HeadsConfig
 from jaxaccel.heads.common import base_lm_kernel
 from jaxaccel.heads.eagle3 import Eagle3Heads
-from jaxaccel.heads.io import base_fingerprint, load_heads
+from jaxaccel.heads.io import load_heads
 from jaxaccel.training.eagle3 import loss_and_metrics
 from jaxaccel.training.features import feature_layers, layer_features
 from train import eagle3 as train_eagle3
-from train import features as train_features
 
 CONFIG = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                      num_kv_heads=2, max_position_embeddings=128)
@@ -40,47 +36,25 @@ DRAFT_VOCAB = 24
 @pytest.fixture(scope="module")
 def base():
     """A random model scaled up so that greedy text loops (as in test_drafters)."""
-    graphdef, state = nnx.split(Transformer(CONFIG, rngs=nnx.Rngs(0)))
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, state))
+    return looping_model(CONFIG)
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 11, 3, 8, 1)]
+    return random_prompts(CONFIG.vocab_size)
 
 
 @pytest.fixture(scope="module")
 def heads(base):
     """A head over the base's 24 most written tokens, briefly trained on the base's own greedy text
     with the feature-cache loss (so that drafts get accepted and the loss is seen to work)."""
-    rng = np.random.default_rng(1)
-    starts = rng.integers(0, CONFIG.vocab_size, (16, 4)).tolist()
-    text = np.asarray(AutoregressiveDecoder(base).generate(starts, max_new_tokens=36).tokens_bn)
-    tokens_bt = jnp.asarray(np.concatenate([np.asarray(starts), text], axis=1), jnp.int32)
-    d2t = draft_vocab(np.bincount(np.asarray(tokens_bt[:, 4:]).ravel(), minlength=CONFIG.vocab_size), DRAFT_VOCAB)
+    tokens_bt, answer_bt, d2t = greedy_answers(base, DRAFT_VOCAB)
     layers_btkd, hidden_btd = layer_features(base, tokens_bt, feature_layers(CONFIG.num_layers))
-    batch = {"tokens": tokens_bt, "layers": layers_btkd, "hidden": hidden_btd,
-             "answer": jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]) >= 4, tokens_bt.shape)}
+    batch = {"tokens": tokens_bt, "layers": layers_btkd, "hidden": hidden_btd, "answer": answer_bt}
     module = Eagle3Heads(HeadsConfig(kind="eagle3", num_heads=3, draft_vocab_size=DRAFT_VOCAB), CONFIG, rngs=nnx.Rngs(0))
     module.init_from_base(base, d2t)
-    graphdef, params, vocab = nnx.split(module, nnx.Param, ...)
     embed_vd, rows_dn = base.embed_tokens.embedding[...], base_lm_kernel(base)[:, d2t]
-    opt = optax.adam(1e-2)
-
-    @jax.jit
-    def step(params, opt_state):
-        loss_fn = lambda p: loss_and_metrics(nnx.merge(graphdef, p, vocab), embed_vd, rows_dn, batch, 3, 0.8)  # noqa: E731
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = opt.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, metrics
-
-    opt_state, first = opt.init(params), None
-    for _ in range(80):
-        params, opt_state, metrics = step(params, opt_state)
-        first = first or metrics
-    assert metrics["loss"] < 0.5 * first["loss"] and metrics["top1_2"] > first["top1_2"] + 0.2, (first, metrics)
-    return nnx.merge(graphdef, params, vocab)
+    return briefly_trained(module, lambda h: loss_and_metrics(h, embed_vd, rows_dn, batch, 3, 0.8), steps=80)
 
 
 @pytest.mark.parametrize("tree", [None, DynamicTree(topk=2, depth=3, num_nodes=6)])
@@ -141,10 +115,6 @@ def test_tree_tuning_ranks_are_the_drafters_own(base, prompts, heads):
     assert (ranks[:, 0] == 0).mean() > 0.3  # the trained head is right often enough for the deeper checks to run
 
 
-def first_tokens(result, k):
-    return [tuple(s[:k]) for s in result.sequences()]
-
-
 def test_sampling_follows_the_base_distribution(base, prompts, heads):
     """Two-sample test at T = 1 (top-4 filtering, as in test_drafters): the first 4 tokens of
     speculative and autoregressive sampling have the same joint law, trimmed vocabulary included."""
@@ -154,30 +124,11 @@ def test_sampling_follows_the_base_distribution(base, prompts, heads):
     spec = SpeculativeDecoder(base, make_drafter(heads=heads, tree=Tree(((0,), (1,), (0, 0))))).generate(
         batch, policy=policy, max_new_tokens=k, seed=2)
     assert spec.mean_accepted_tokens() > 1.05, spec.mean_accepted_tokens()
-    a, s = collections.Counter(first_tokens(ar, k)), collections.Counter(first_tokens(spec, k))
-    common = [t for t in a if a[t] + s[t] >= 20]
-    table = np.array([[a[t] for t in common] + [rows - sum(a[t] for t in common)],
-                      [s[t] for t in common] + [rows - sum(s[t] for t in common)]])
-    assert table.shape[1] > 5
-    assert stats.chi2_contingency(table).pvalue > 1e-3, table
-
-
-def write_answers(directory, model_dir, rows, rng):
-    """train.responses' layout, written directly: random prompts and answers (the trainer only
-    needs their features, and no base runs to make them)."""
-    directory.mkdir()
-    lines = [json.dumps({"key": f"k{i}", "prompt_ids": rng.integers(0, 600, rng.integers(3, 12)).tolist(),
-                         "response_ids": rng.integers(0, 90, rng.integers(8, 40)).tolist()}) for i in range(rows)]
-    (directory / "shard-00000.jsonl").write_text("\n".join(lines) + "\n")
-    (directory / "config.json").write_text(json.dumps({"settings": {"base": base_fingerprint(model_dir)}}))
+    assert same_law_pvalue(ar, spec, k) > 1e-3
 
 
 def test_train_eagle3_on_cached_features(tmp_path, capsys):
-    model_dir = build_chat_model(tmp_path / "chat", context=512)
-    answers, feats, out = tmp_path / "responses", tmp_path / "features", tmp_path / "heads"
-    write_answers(answers, model_dir, 24, np.random.default_rng(0))
-    assert train_features.main(["--model", str(model_dir), "--responses", str(answers), "--out", str(feats),
-                                "--batch-size", "12", "--no-progress"]) == 0
+    model_dir, feats, out = cached_features(tmp_path)
     argv = ["--model", str(model_dir), "--features", str(feats), "--out", str(out), "--draft-vocab", "40",
             "--depth", "2", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "2", "--holdout-mod", "4",
             "--checkpoint-every", "2", "--eval-vocab", "20", "--no-progress"]

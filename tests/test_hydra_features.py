@@ -5,28 +5,24 @@ at T = 1, drafts only from d2t, the feature-cache loss trains, and the CLI end t
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from chat_models import build_chat_model
+from drafter_fixtures import (briefly_trained, cached_features, greedy_answers, looping_model, random_prompts,
+                              same_law_pvalue)
 from flax import nnx
 from test_drafters import CONFIG, STOP
-from test_eagle3 import write_answers
-from test_layerskip import looping_model, same_law_pvalue
 
 from jaxaccel.decoding import AutoregressiveDecoder, Sampler
 from jaxaccel.decoding.speculative import SpeculativeDecoder
 from jaxaccel.decoding.tree import Tree
-from jaxaccel.draft_vocab import draft_vocab
 from jaxaccel.drafters import Prefill, make_drafter
 from jaxaccel.heads import HeadParts, HeadsConfig, load_heads, make_heads
 from jaxaccel.heads.run import check_setup
 from jaxaccel.hf import load_hf
 from jaxaccel.training.distill import DistillConfig
 from jaxaccel.training.hydra_features import loss_and_metrics
-from train import features as train_features
 from train import hydra as train_hydra
 
 DRAFT_VOCAB = 24
@@ -44,22 +40,16 @@ def base():
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 11, 3, 8, 1)]
+    return random_prompts(CONFIG.vocab_size)
 
 
 @pytest.fixture(scope="module")
 def greedy_batch(base):
     """The base's own greedy answers after random 4-token prompts, as a feature-cache batch
     (tokens, final hidden states, answer mask), and the draft vocabulary of those answers."""
-    rng = np.random.default_rng(1)
-    starts = rng.integers(0, CONFIG.vocab_size, (16, 4)).tolist()
-    text = np.asarray(AutoregressiveDecoder(base).generate(starts, max_new_tokens=36).tokens_bn)
-    tokens_bt = jnp.asarray(np.concatenate([np.asarray(starts), text], axis=1), jnp.int32)
-    d2t = draft_vocab(np.bincount(np.asarray(tokens_bt[:, 4:]).ravel(), minlength=CONFIG.vocab_size), DRAFT_VOCAB)
-    batch = {"tokens": tokens_bt, "hidden": nnx.jit(lambda base, t: base.forward(t).hidden)(base, tokens_bt),
-             "answer": jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]) >= 4, tokens_bt.shape)}
-    return batch, d2t
+    tokens_bt, answer_bt, d2t = greedy_answers(base, DRAFT_VOCAB)
+    hidden_btd = nnx.jit(lambda base, t: base.forward(t).hidden)(base, tokens_bt)
+    return {"tokens": tokens_bt, "hidden": hidden_btd, "answer": answer_bt}, d2t
 
 
 def trimmed_heads(base, name, d2t):
@@ -73,22 +63,8 @@ def hydra_pp(base, greedy_batch):
     """Hydra++ heads over the 24 most written tokens, briefly trained with the feature-cache loss
     (so that drafts get accepted and the loss is seen to work)."""
     batch, d2t = greedy_batch
-    graphdef, params, vocab = nnx.split(trimmed_heads(base, "hydra++", d2t), nnx.Param, ...)
-    opt = optax.adam(1e-2)
-
-    @jax.jit
-    def step(params, opt_state):
-        loss_fn = lambda p: loss_and_metrics(nnx.merge(graphdef, p, vocab), base, batch, 3, 0.8)  # noqa: E731
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = opt.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, metrics
-
-    opt_state, first = opt.init(params), None
-    for _ in range(60):
-        params, opt_state, metrics = step(params, opt_state)
-        first = first or metrics
-    assert metrics["loss"] < 0.5 * first["loss"] and metrics["top1_2"] > first["top1_2"] + 0.2, (first, metrics)
-    return nnx.merge(graphdef, params, vocab)
+    return briefly_trained(trimmed_heads(base, "hydra++", d2t),
+                           lambda h: loss_and_metrics(h, base, batch, 3, 0.8), steps=60)
 
 
 @pytest.mark.parametrize("name", sorted(TRIMMED))
@@ -163,11 +139,7 @@ def test_trimmed_vocabulary_errors(base):
 
 
 def test_train_hydra_on_cached_features(tmp_path, capsys):
-    model_dir = build_chat_model(tmp_path / "chat", context=512)
-    answers, feats, out = tmp_path / "responses", tmp_path / "features", tmp_path / "heads"
-    write_answers(answers, model_dir, 24, np.random.default_rng(0))
-    assert train_features.main(["--model", str(model_dir), "--responses", str(answers), "--out", str(feats),
-                                "--batch-size", "12", "--no-progress"]) == 0
+    model_dir, feats, out = cached_features(tmp_path)
     argv = ["--model", str(model_dir), "--features", str(feats), "--out", str(out), "--draft-vocab", "40",
             "--heads", "2", "--prefix-layer", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "2",
             "--holdout-mod", "4", "--checkpoint-every", "2", "--no-progress"]

@@ -1,7 +1,6 @@
 """Layer-skip self-speculation: the base with layers skipped drafts over the base's own cache.
 Greedy decoding at T = 0, the base's law at T = 1; the search records its choice beside the model."""
 
-import collections
 import dataclasses
 import json
 
@@ -9,12 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from drafter_fixtures import looping_model, random_prompts, same_law_pvalue
 from flax import nnx
-from scipy import stats
 from test_drafters import CONFIG as TWO_LAYERS
 from test_drafters import STOP
 
-from jaxaccel import Transformer
 from jaxaccel.cache import KVCache
 from jaxaccel.decoding import AutoregressiveDecoder, Sampler
 from jaxaccel.decoding.speculative import SpeculativeDecoder
@@ -25,12 +23,6 @@ from jaxaccel.drafters.layerskip_search import Scorer, draft_step_cost, search_s
 CONFIG = dataclasses.replace(TWO_LAYERS, num_layers=4)  # layers to skip
 
 
-def looping_model(config):
-    """Random layers scaled up so that greedy text loops (as test_drafters' base)."""
-    graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, state))
-
-
 @pytest.fixture(scope="module")
 def base():
     return looping_model(CONFIG)
@@ -38,8 +30,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 11, 3, 8, 1)]
+    return random_prompts(CONFIG.vocab_size)
 
 
 @pytest.mark.parametrize("spec", ["layerskip", "layerskip:skip=1+2,depth=4"])  # the default skips layer 1
@@ -93,18 +84,6 @@ def test_sampling_follows_the_base_distribution(base):
                                                  seed=3)
     assert same_law_pvalue(ar, spec, k) > 1e-3
     assert same_law_pvalue(ar, other, k) < 1e-3
-
-
-def same_law_pvalue(a_result, b_result, k: int) -> float:
-    """Chi-square p-value that two batches' first k tokens follow one joint law (rare sequences pooled)."""
-    a = collections.Counter(tuple(s[:k]) for s in a_result.sequences())
-    b = collections.Counter(tuple(s[:k]) for s in b_result.sequences())
-    rows_a, rows_b = sum(a.values()), sum(b.values())
-    common = [t for t in a if a[t] + b[t] >= 20]
-    table = np.array([[a[t] for t in common] + [rows_a - sum(a[t] for t in common)],
-                      [b[t] for t in common] + [rows_b - sum(b[t] for t in common)]])
-    assert table.shape[1] > 5, table
-    return stats.chi2_contingency(table).pvalue
 
 
 def test_gated_scoring_matches_the_drafter(base, prompts):

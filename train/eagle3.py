@@ -17,61 +17,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from jaxaccel.training.prompts import HOLDOUT_MOD
-from train.common import Progress, guarded_main
+from train import feature_heads
+from train.common import guarded_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.eagle3", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model directory or model name")
-    p.add_argument("--features", type=Path, required=True, help="train.features output directory")
-    p.add_argument("--out", type=Path, required=True, help="heads directory (created; rerun to resume)")
-    p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size N (0: the whole vocabulary)")
+    p = feature_heads.parser("python -m train.eagle3", __doc__)
     p.add_argument("--depth", type=int, default=3, help="draft steps unrolled in training (training-time test)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    feature_heads.add_output_flags(p)
     p.add_argument("--eval-vocab", default="", help="also evaluate the head cut to these draft vocabulary sizes "
                    "(comma-separated, each below --draft-vocab): eval.json's by_draft_vocab")
     p.add_argument("--export-vocab", type=int, default=None,
                    help="write the head cut to its N most frequent draft tokens (default: all of them)")
-    p.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)  # guarded_main's flag
-    hp = p.add_argument_group("training")
-    for flag, typ, default, what in [
-        ("--steps", int, 1000, "optimizer updates in total"),
-        ("--batch-size", int, 8, "windows per update"),
-        ("--seq-len", int, 128, "positions per window"),
-        ("--lr", float, 1e-3, "peak learning rate"),
-        ("--warmup-steps", int, 50, "linear warmup steps"),
-        ("--weight-decay", float, 0.0, "AdamW weight decay"),
-        ("--depth-decay", float, 0.8, "step s's loss weighs DECAY ** s"),
-        ("--seed", int, 0, "init and data-order seed"),
-        ("--holdout-mod", int, HOLDOUT_MOD, "hold out the sequences whose key hashes to 0 mod this"),
-        ("--checkpoint-every", int, 50, "save a checkpoint every K steps"),
-        ("--keep-checkpoints", int, 2, "keep the newest N checkpoints"),
-    ]:
-        hp.add_argument(flag, type=typ, default=default, help=what)
+    feature_heads.add_training_flags(p, "step s's loss weighs DECAY ** s")
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxaccel.checkpoint import TrainCheckpointer, restore_or_init
-    from jaxaccel.files import write_json_atomically
     from jaxaccel.heads.config import HeadsConfig
     from jaxaccel.heads.eagle3 import truncate_draft_vocab
-    from jaxaccel.heads.io import base_fingerprint, save_heads
-    from jaxaccel.hf import load_hf
-    from jaxaccel.models import resolve_model
-    from jaxaccel.training import MetricsLogger, loop
-    from jaxaccel.training.eagle3 import Eagle3Training, Eagle3TrainConfig, FeatureSet, fixed_draft_vocab
-    from jaxaccel.training.features import feature_layers
+    from jaxaccel.training.eagle3 import Eagle3Training
 
-    args.model = resolve_model(args.model)
-    base = load_hf(args.model)
+    base = feature_heads.load_base(args)
     if not 0 <= args.draft_vocab <= base.config.vocab_size:
         raise ValueError(f"--draft-vocab must be in 0..{base.config.vocab_size}, got {args.draft_vocab}")
     size = args.draft_vocab or base.config.vocab_size
@@ -80,56 +48,18 @@ def run(args: argparse.Namespace) -> int:
         if not 0 < n <= size:
             raise ValueError(f"--eval-vocab / --export-vocab sizes must be in 1..{size} (the draft vocabulary), got {n}")
     heads_config = HeadsConfig(kind="eagle3", num_heads=args.depth, draft_vocab_size=size)
-    config = Eagle3TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, depth_decay=args.depth_decay,
-        seed=args.seed, holdout_mod=args.holdout_mod, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints)
-    fingerprint = base_fingerprint(args.model)
-    features = FeatureSet(args.features, fingerprint, feature_layers(base.config.num_layers), config.holdout_mod)
-    d2t, vocab = fixed_draft_vocab(args.out, features, size, base.config.vocab_size)
-    training = Eagle3Training(base, heads_config, config, features, args.out, d2t)
-    metadata = {"heads": heads_config.to_dict(), "train": config.to_dict(), "base": fingerprint,
-                "draft_vocab_sha256": vocab["sha256"]}
-    with TrainCheckpointer(args.out / "checkpoints", metadata=metadata,
-                           ignore_keys=[f"train.{k}" for k in config.RESUMABLE],
-                           max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every) as ckpt:
-        state, start = restore_or_init(ckpt, jax.jit(training.init_state))
-        if start > config.steps:
-            raise ValueError(f"{ckpt.directory} holds step {start}, past --steps {config.steps}")
-        n_params = sum(v.size for v in jax.tree.leaves(state["params"]))
-        n_tokens = sum(end - start_ for _, start_, end, _ in features.train_seqs)
-        print(f"eagle3: {n_params / 1e6:.2f}M head params, draft vocabulary {size} (covers "
-              f"{vocab['coverage_train']:.3f} of the training answers, {vocab['coverage_heldout']:.3f} held out), "
-              f"{len(features.train_seqs)} training / {len(features.heldout_seqs)} held-out sequences "
-              f"({n_tokens / 1e6:.2f}M tokens) in {len(features.shards)} shards; "
-              f"{f'resuming from step {start}' if start else 'starting'}", file=sys.stderr)
-        progress = Progress(start, config.steps, config.batch_size * config.seq_len, enabled=not args.no_progress)
-        with MetricsLogger(args.out, start_step=start) as metrics:
-            def on_metrics(step, values):
-                metrics.log(step, {**values, **progress(step, values)})
 
-            try:
-                state = loop.train_loop(state, training.step, training.batch, start_step=start, num_steps=config.steps,
-                                        on_metrics=on_metrics, checkpointer=ckpt,
-                                        checkpoint_every=config.checkpoint_every)
-            finally:
-                progress.close()
-            heads = training.heads(state["params"])
-            if args.export_vocab is not None:
-                heads = truncate_draft_vocab(heads, args.export_vocab)
-            save_heads(heads, args.out, args.model, fingerprint)
-            if not args.no_eval:
-                result = {"kind": "eagle3", "step": int(state["step"]), "draft_vocab": vocab,
-                          "features": [str(args.features / n) for n in features.names],
-                          **training.evaluate(state["params"], args.export_vocab),
-                          "by_draft_vocab": [training.evaluate(state["params"], n) for n in eval_sizes]}
-                write_json_atomically(args.out / "eval.json", result)
-                metrics.log(result["step"], {f"heldout_top1_{d['depth']}": d["top1"] for d in result["depths"]})
-                top1 = " ".join(f"{d['top1']:.3f}" for d in result["depths"])
-                print(f"held out: top-1 agreement by depth {top1}; mean accepted (chain of {args.depth}) "
-                      f"{result['mean_accepted_chain']:.2f}; head written to {args.out}", file=sys.stderr)
-    return 0
+    def evaluate(training, params):
+        return {**training.evaluate(params, args.export_vocab),
+                "by_draft_vocab": [training.evaluate(params, n) for n in eval_sizes]}
+
+    def export(heads):
+        return heads if args.export_vocab is None else truncate_draft_vocab(heads, args.export_vocab)
+
+    return feature_heads.run(
+        args, base, heads_config,
+        lambda config, features, d2t: Eagle3Training(base, heads_config, config, features, d2t),
+        label="eagle3", record={"kind": "eagle3"}, evaluate=evaluate, export=export)
 
 
 def main(argv=None) -> int:
