@@ -50,3 +50,22 @@ def test_draft_ranks_and_choice():
     sizes = [row["num_nodes"] for row in table]
     assert sizes[:2] == [2, 4] and sizes[1] <= sizes[2] <= 8  # no more nodes than distinct prefixes seen
     assert tree == max(table, key=lambda r: r["expected_tokens_per_s"])["tree"]
+
+
+def test_a_chat_models_tuning_prompts_are_held_out_training_prompts(tmp_path):
+    """--tune-tree on a chat model tunes on training prompts that head training holds out, never on
+    Spec-Bench's questions nor on prompts the heads learned from."""
+    from chat_models import build_chat_model
+
+    from infer.bench import tuning_prompts
+    from jaxaccel.chat import ChatTemplate
+    from jaxaccel.training.prompts import is_heldout, read_train_prompts
+
+    model_dir = build_chat_model(tmp_path / "chat", context=512)
+    template = ChatTemplate.from_model_dir(model_dir)
+    prompts = read_train_prompts()
+    held = {tuple(template.encode(template.conversation(p.text))) for p in prompts if is_heldout(p.key)}
+    got = tuning_prompts(model_dir, 0, 6, 64, seed=3)
+    assert len(got) == 6 and len(set(map(tuple, got))) == 6
+    assert all(tuple(ids) in held and len(ids) <= 256 for ids in got)
+    assert 0 < len(held) < len(prompts) / 16  # about 1 in 32 held out
