@@ -64,4 +64,5 @@ RECORD = DrafterRecord(
     default_tree=Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0),
                        (1, 0, 0), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 0, 0))),
     train_depth=lambda heads_config, distill_config: heads_config.num_heads,
-    heads_options=("share_lm_head", "prefix_layer", "draft_vocab_size"), depth_per_head=True)
+    heads_options=("share_lm_head", "prefix_layer", "draft_vocab_size"), depth_per_head=True,
+    trainer="python -m train.heads --kind hydra (on the base's text), or python -m train.hydra (on cached features)")
