@@ -29,11 +29,12 @@ class DraftOutput:
     features_kbtd: jax.Array | None = None  # eagle: the predicted base hidden state of each draft step
 
 
-def shift_left(tokens_bt: jax.Array, j: int) -> jax.Array:
-    """tokens_bt[:, t + j] at column t, zero-padded past the end (j >= 0)."""
+def shift_left(x_bt: jax.Array, j: int) -> jax.Array:
+    """x_bt[:, t + j] at column t (tokens, states, masks: any trailing axes), zero (False) past the end (j >= 0)."""
     if j == 0:
-        return tokens_bt
-    return jnp.pad(tokens_bt[:, j:], ((0, 0), (0, min(j, tokens_bt.shape[1]))))[:, :tokens_bt.shape[1]]
+        return x_bt
+    t = x_bt.shape[1]
+    return jnp.pad(x_bt[:, j:], [(0, 0), (0, min(j, t))] + [(0, 0)] * (x_bt.ndim - 2))[:, :t]
 
 
 def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:

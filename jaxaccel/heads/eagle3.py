@@ -26,8 +26,8 @@ from flax import nnx
 
 from jaxaccel.cache import KVCache
 from jaxaccel.config import ModelConfig
-from jaxaccel.draft_vocab import DraftVocab, to_target_logits
-from jaxaccel.heads.common import DraftOutput, base_lm_kernel, decoder_config, param, run_decoder_layer
+from jaxaccel.draft_vocab import DraftVocab, checked_d2t, to_target_logits
+from jaxaccel.heads.common import DraftOutput, base_lm_kernel, decoder_config, param, run_decoder_layer, shift_left
 from jaxaccel.heads.config import HeadsConfig
 from jaxaccel.heads.eagle import unroll_mask
 from jaxaccel.layers.linear import INIT_STD
@@ -67,11 +67,7 @@ class Eagle3Heads(nnx.Module):
         """Sets the draft vocabulary (if given) and copies the base's final norm and its LM-head
         rows of the draft tokens."""
         if d2t is not None:
-            d2t = np.asarray(d2t, np.int32)
-            if d2t.shape != (self.draft_vocab_size,) or d2t.min() < 0 or d2t.max() >= self.vocab_size:
-                raise ValueError(f"d2t must be {self.draft_vocab_size} token ids below {self.vocab_size}, "
-                                 f"got shape {d2t.shape}")
-            self.d2t[...] = jnp.asarray(d2t)
+            self.d2t[...] = jnp.asarray(checked_d2t(d2t, self.draft_vocab_size, self.vocab_size))
         kernel_dv = base_lm_kernel(base)
         self.lm_kernel[...] = kernel_dv[:, self.d2t[...]].astype(self.lm_kernel.dtype)
         self.norm.scale[...] = base.norm.scale[...].astype(self.norm.scale.dtype)
@@ -118,7 +114,6 @@ class Eagle3Heads(nnx.Module):
         at row t reads the token at t + s + 1. Returns the output states [depth, B, T, d]: step s
         at row t drafts the token at t + s + 2."""
         b, t = embeds_btd.shape[:2]
-        shift = lambda x, j: jnp.pad(x[:, j:], ((0, 0), (0, j), (0, 0)))  # noqa: E731  row t <- row t + j
         inputs, states = [self.combine(fused_btd, embeds_btd)], []
         for s in range(depth):
             positions_bn = jnp.broadcast_to(np.concatenate([np.arange(t, dtype=np.int32) + i for i in range(s + 1)]),
@@ -127,14 +122,14 @@ class Eagle3Heads(nnx.Module):
                                            mask=unroll_mask(t, s + 1))
             states.append(out_bnd[:, s * t:])
             if s + 1 < depth:
-                inputs.append(self.combine(states[-1], shift(embeds_btd, s + 1)))
+                inputs.append(self.combine(states[-1], shift_left(embeds_btd, s + 1)))
         return jnp.stack(states)
 
 
     def teacher_forced(self, base: Transformer, captured_btkd: jax.Array, tokens_bt: jax.Array, depth: int) -> DraftOutput:
         """`unrolled` along the true tokens from the base's captured states (jaxaccel.decoding.tune):
         logits over the draft vocabulary [depth, B, T, N] (step s at row t drafts the token at t + s + 2)."""
-        embeds_btd = base.embed_tokens(jnp.pad(tokens_bt[:, 1:], ((0, 0), (0, 1))))
+        embeds_btd = base.embed_tokens(shift_left(tokens_bt, 1))
         states_kbtd = self.unrolled(self.fuse(captured_btkd), embeds_btd, depth)
         return DraftOutput(logits_kbtv=self.draft_logits(states_kbtd), features_kbtd=states_kbtd)
 

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxaccel.heads.common import base_lm_kernel
+from jaxaccel.heads.common import base_lm_kernel, shift_left
 from jaxaccel.heads.eagle3 import Eagle3Heads, truncate_draft_vocab
 from jaxaccel.training import feature_cache
-from jaxaccel.training.feature_cache import DepthOutputs, FeatureSet, FeatureTraining, ahead, depth_targets
+from jaxaccel.training.feature_cache import DepthOutputs, FeatureSet, FeatureTraining, depth_targets
 
 
 def unrolled_outputs(heads: Eagle3Heads, embed_vd: jax.Array, rows_dn: jax.Array, batch: dict,
@@ -38,7 +38,7 @@ def unrolled_outputs(heads: Eagle3Heads, embed_vd: jax.Array, rows_dn: jax.Array
     each step restricted to the draft vocabulary (`rows_dn`: its LM-head rows) [D, B, T, N], the
     greedy token each entry drafts [D, B, T] and the entries that count (answer tokens) [D, B, T]."""
     fused_btd = heads.fuse(batch["layers"])
-    embeds_btd = embed_vd[ahead(batch["tokens"], 1)]
+    embeds_btd = embed_vd[shift_left(batch["tokens"], 1)]
     logits_kbtn = heads.draft_logits(heads.unrolled(fused_btd, embeds_btd, depth))
     target_btn = batch["hidden"] @ rows_dn  # the base's logits after each position, draft rows only
     return DepthOutputs(logits_kbtn, *depth_targets(target_btn, batch, depth))

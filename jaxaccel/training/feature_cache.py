@@ -8,7 +8,7 @@ next-token distribution restricted to a draft vocabulary. What they share lives 
 - FeatureTrainConfig: the hyper-parameters (recorded in the checkpoints' metadata);
 - FeatureSet: the shards, the held-out split, batches as a pure function of (seed, step, shards);
 - fixed_draft_vocab: the run's d2t, fixed at its first start (OUT/draft_vocab.npy);
-- `ahead` / `depth_targets`: step k at row t drafts the token at t + k + 2, the base's prediction at t + k + 1;
+- `depth_targets`: step k at row t drafts the token at t + k + 2, the base's prediction at t + k + 1;
 - loss_and_metrics / agreement_counts / heldout_agreement: the KL divergence from the restricted
   teacher with per-depth loss and top-1, and the held-out agreement (per depth, chains);
 - FeatureTraining: the trainable / fixed split of the head's parameters, the optimizer and the
@@ -34,7 +34,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxaccel.draft_vocab import coverage, draft_vocab
+from jaxaccel.draft_vocab import checked_d2t, coverage, draft_vocab
+from jaxaccel.heads.common import shift_left
 from jaxaccel.heads.config import HeadsConfig
 from jaxaccel.heads.registry import HeadParts
 from jaxaccel.training import optim
@@ -151,6 +152,7 @@ def fixed_draft_vocab(out_dir: Path, features: FeatureSet, size: int, vocab_size
         d2t = np.load(path)
         if d2t.shape != (size,):
             raise ValueError(f"{path} holds a draft vocabulary of {d2t.shape[0]} tokens, this run asks for {size}")
+        d2t = checked_d2t(d2t, size, vocab_size)
     else:
         d2t = draft_vocab(counts, size)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,11 +164,6 @@ def fixed_draft_vocab(out_dir: Path, features: FeatureSet, size: int, vocab_size
                  "coverage_train": float(counts[d2t].sum() / max(counts.sum(), 1)),
                  "coverage_heldout": float(held[d2t].sum() / max(held.sum(), 1)),
                  "train_coverage_by_size": coverage(counts, [1024, 2048, 4096, 8192, 16384, 32768])}
-
-
-def ahead(x_bt: jax.Array, j: int) -> jax.Array:
-    """x[:, t + j] at row t, zero (False) past the end."""
-    return jnp.pad(x_bt[:, j:], [(0, 0), (0, j)] + [(0, 0)] * (x_bt.ndim - 2))
 
 
 class DepthOutputs(NamedTuple):
@@ -181,9 +178,9 @@ def depth_targets(teacher_btn: jax.Array, batch: dict, depth: int) -> tuple[jax.
     """Step k at row t drafts the token at t + k + 2 (the base's prediction at t + k + 1): from the
     base's restricted logits after each position [B, T, N], the targets [K, B, T, N], the tokens
     [K, B, T] and the entries that count [K, B, T] (False past a window's end, as is the target's row)."""
-    return (jnp.stack([ahead(teacher_btn, k + 1) for k in range(depth)]),
-            jnp.stack([ahead(batch["tokens"], k + 2) for k in range(depth)]),
-            jnp.stack([ahead(batch["answer"], k + 2) for k in range(depth)]))
+    return (jnp.stack([shift_left(teacher_btn, k + 1) for k in range(depth)]),
+            jnp.stack([shift_left(batch["tokens"], k + 2) for k in range(depth)]),
+            jnp.stack([shift_left(batch["answer"], k + 2) for k in range(depth)]))
 
 
 def _hits(out: DepthOutputs, d2t_n: jax.Array | None) -> jax.Array:
