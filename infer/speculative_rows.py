@@ -18,7 +18,7 @@ import numpy as np
 
 TUNE_SIZES = (2, 4, 8, 16, 24, 32, 48, 64)
 TUNE_MAX_RANK = 8
-TUNE_AUTOREGRESSIVE_DEPTH = 6  # how deep trees of heads that draft any depth (eagle, eagle3) may grow
+TUNE_AUTOREGRESSIVE_DEPTH = 6  # how deep trees may grow for heads not bound to one head per level (eagle, eagle3)
 
 
 def resolve_tree(spec: str | None, heads_dir: Path | None, heads):
@@ -144,17 +144,18 @@ def speculative_markdown(report: dict, header: str) -> str:
 
 
 def tune_tree(model, model_dir: Path, heads_dir: Path, tuning_prompts, timing_prompt, *, max_new_tokens: int) -> dict:
-    """Measures acceptance (validation-split prompts) and step cost per tree size on this device;
+    """Measures acceptance (`tuning_prompts`: never evaluated on) and step cost per tree size on this device;
     saves the best tree as heads_dir/tree.json (what `--tree auto` loads) with the table beside it."""
     import jax
 
     from jaxaccel.decoding import AutoregressiveDecoder
     from jaxaccel.decoding.speculative import SpeculativeDecoder
     from jaxaccel.decoding.tune import choose_tree, draft_ranks, tree_from_ranks
+    from jaxaccel.drafters import get_record
     from jaxaccel.heads import load_heads
 
     heads = load_heads(heads_dir, model_dir)
-    depth = TUNE_AUTOREGRESSIVE_DEPTH if getattr(heads, "autoregressive", False) else heads.config.num_heads
+    depth = heads.config.num_heads if get_record(heads.config.kind).depth_per_head else TUNE_AUTOREGRESSIVE_DEPTH
     continuations = AutoregressiveDecoder(model).generate(tuning_prompts, max_new_tokens=max_new_tokens).sequences()
     width = max(len(p) + len(c) for p, c in zip(tuning_prompts, continuations))
     tokens_bt = np.zeros((len(tuning_prompts), width), np.int32)

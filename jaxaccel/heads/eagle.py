@@ -66,8 +66,6 @@ def unroll_mask(length: int, steps: int) -> np.ndarray:
 class EagleHeads(nnx.Module):
     """The EAGLE draft layer (the module doc gives its drafting API; jaxaccel.drafters.eagle drafts with it)."""
 
-    autoregressive = True  # drafts any depth (num_heads is the depth it was trained to unroll)
-
     def __init__(self, config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.layer_config = decoder_config(base_config)

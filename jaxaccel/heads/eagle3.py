@@ -39,8 +39,6 @@ from jaxaccel.training.features import feature_layers
 class Eagle3Heads(nnx.Module):
     """The EAGLE-3 draft layer (module doc); jaxaccel.drafters.eagle3 drafts with it."""
 
-    autoregressive = True  # drafts any depth (num_heads is the depth it was trained to unroll)
-
     def __init__(self, config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs):
         self.config, self.base_config = config, base_config
         self.layer_config = decoder_config(base_config)
