@@ -1,16 +1,12 @@
 """`python -m infer.bench --step-costs`: what one decode step costs, as ratios measured in one run.
-
-At a realistic cache fill (a prompt of 128 tokens prefilled), batch 1:
-(a) the verify pass cost curve: a forward over n tokens (a chain: causal mask) / a forward over 1
-    token, n = 1, 2, 4, 8, 16;
-(b) the AR loop's step (inside its jitted while_loop) / the weight-streaming floor;
-(c) with --heads (or --drafter), the whole speculative step (`SpeculativeDecoder.step_seconds`: draft + verify +
-    accept) / the forward over its tree's node count, at the same cache size.
-
-The forwards are timed as `SpeculativeDecoder.step_seconds` times its step: `jax.jit` over the
-`nnx.split` state, the same prefilled cache passed to every call and NOT donated (so each call
-also writes a fresh copy of the cache, as the timed speculative step does), median of several runs
-after one warm-up.
+At a realistic cache fill (a prompt of 128 tokens prefilled), batch 1, every cost measured inside a
+compiled loop (`timing.loop_step_seconds`: the slope between a short and a long run), as decoding
+pays it, without a Python call's dispatch and copies:
+(a) the verify pass cost curve: a forward over n tokens (a chain: causal mask; its logits reduced
+    to their argmax, as verification does) / a forward over 1 token, n = 1, 2, 4, 8, 16;
+(b) the AR loop's step / the weight-streaming floor;
+(c) with --heads (or --drafter), the whole speculative step (`SpeculativeDecoder.step_seconds`: draft +
+    verify + accept + commit) / the forward over its tree's node count, at the same cache size.
 """
 
 from __future__ import annotations
@@ -23,27 +19,36 @@ from flax import nnx
 
 from jaxaccel.cache import KVCache
 from jaxaccel.decoding.prompts import bucket_length
-from jaxaccel.decoding.timing import median_seconds
+from jaxaccel.decoding.timing import loop_step_seconds
 
 CHAIN_SIZES = (1, 2, 4, 8, 16)
 PROMPT_LEN = 128
-SPEC_MAX_NEW = 8  # SpeculativeDecoder.step_seconds' default max_new_tokens: its cache is sized with it
+LOOP_STEPS = (4, 20)  # the short and the long run of every in-loop measurement
 
 
 def _prefill(graphdef, params, cache, tokens_bs, lengths_b):
     return nnx.merge(graphdef, params).prefill(tokens_bs, lengths_b, cache).cache
 
 
-def _forward(graphdef, params, cache, tokens_bn):
-    return nnx.merge(graphdef, params).forward(tokens_bn, cache=cache)  # causal mask, positions after the cache
+def _forwards(graphdef, params, cache, tokens_bn, steps):
+    """`steps` forwards over the same n tokens after the cache (each writes the same slots); their
+    greedy tokens summed, so that no part of the pass is dead code."""
+    model = nnx.merge(graphdef, params)
+
+    def body(_, carry):
+        cache, total = carry
+        out = model.forward(tokens_bn, cache=cache)  # causal mask, positions after the cache
+        return out.cache, total + jnp.sum(jnp.argmax(out.logits, axis=-1))
+
+    return jax.lax.fori_loop(0, steps, body, (cache, jnp.int32(0)))
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=0, donate_argnames=("cache",))
-_forward_jit = jax.jit(_forward, static_argnums=0)  # cache not donated: every repeat reuses it
+_forwards_jit = jax.jit(_forwards, static_argnums=0, donate_argnames=("cache",))
 
 
 class ForwardTimer:
-    """Median seconds of one forward over n tokens after `prompt` is in a cache of `cache_len` positions."""
+    """Seconds of one forward over n tokens, inside a loop, after `prompt` is in a cache of `cache_len` slots."""
 
     def __init__(self, model, prompt: list[int], repeats: int):
         self.config = model.config
@@ -53,38 +58,45 @@ class ForwardTimer:
     def seconds(self, n: int, cache_len: int) -> float:
         width = bucket_length(len(self.prompt))
         tokens_1s = jnp.zeros((1, width), jnp.int32).at[0, :len(self.prompt)].set(jnp.asarray(self.prompt))
-        cache = _prefill_jit(self.graphdef, self.params, KVCache.create(self.config, 1, cache_len), tokens_1s,
-                             jnp.array([len(self.prompt)], jnp.int32))
         tokens_1n = jnp.asarray(self.prompt[:1] * n, jnp.int32)[None]
-        return median_seconds(lambda: _forward_jit(self.graphdef, self.params, cache, tokens_1n), self.repeats)
+
+        def prepare():
+            return _prefill_jit(self.graphdef, self.params, KVCache.create(self.config, 1, cache_len), tokens_1s,
+                                jnp.array([len(self.prompt)], jnp.int32))
+
+        def run(cache, steps):
+            return _forwards_jit(self.graphdef, self.params, cache, tokens_1n, steps)
+
+        short, long = LOOP_STEPS
+        return loop_step_seconds(prepare, run, short=short, long=long, repeats=self.repeats)
 
 
 def step_costs(model, model_dir: Path, prompt: list[int], *, heads_dirs=(), tree_specs=(None,), drafter_specs=(),
                repeats: int = 7) -> dict:
     """The three tables' numbers (seconds and ratios) for `model` with `prompt` (PROMPT_LEN tokens) in cache."""
     from infer.speculative_rows import make_decoders
-    from jaxaccel.decoding.timing import time_decode, weight_streaming_floor
+    from jaxaccel.decoding.timing import decode_step_seconds, weight_streaming_floor
 
     timer = ForwardTimer(model, prompt, repeats)
     width = bucket_length(len(prompt))
-    chain_cache = width + SPEC_MAX_NEW + max(CHAIN_SIZES)  # one cache size for the whole curve
+    chain_cache = width + 64  # one cache size for the whole curve: the prompt and a few steps' tokens
     chain = {n: timer.seconds(n, chain_cache) for n in CHAIN_SIZES}
     decoders = make_decoders(model, model_dir, list(heads_dirs), list(tree_specs), list(drafter_specs))
-    ar = time_decode(decoders["ar"][0], [prompt], max_new_tokens=32, repeats=min(repeats, 3))
+    ar_step_s = decode_step_seconds(decoders["ar"][0], [prompt], steps=LOOP_STEPS)
     floor = weight_streaming_floor(decoders["ar"][0].params)
     spec = []
     for name, (decoder, info) in decoders.items():
         if name == "ar" or not hasattr(decoder, "step_seconds"):
             continue
         nodes = decoder.tree.num_nodes
-        step_s = decoder.step_seconds([prompt], max_new_tokens=SPEC_MAX_NEW)
-        forward_s = timer.seconds(nodes, width + SPEC_MAX_NEW + nodes)  # the step's own cache size
+        step_s = decoder.step_seconds([prompt], steps=LOOP_STEPS)
+        forward_s = timer.seconds(nodes, chain_cache)
         spec.append({"method": name, "num_nodes": nodes, "step_s": step_s, "forward_s": forward_s,
                      "step_over_forward": step_s / forward_s, **info})
-    return {"prompt_len": len(prompt), "device": str(jax.devices()[0]), "cache_donated": False,
+    return {"prompt_len": len(prompt), "device": str(jax.devices()[0]), "in_loop_steps": list(LOOP_STEPS),
             "chain": [{"n": n, "forward_s": s, "over_forward_1": s / chain[1]} for n, s in chain.items()],
             "chain_cache_len": chain_cache,
-            "ar": {"step_s": ar["step_s"], "floor_s": floor["seconds"], "step_over_floor": ar["step_s"] / floor["seconds"],
+            "ar": {"step_s": ar_step_s, "floor_s": floor["seconds"], "step_over_floor": ar_step_s / floor["seconds"],
                    "floor_gb_per_s": floor["gb_per_s"], "weights_mb": floor["bytes"] / 1e6},
             "speculative": spec}
 
@@ -92,7 +104,7 @@ def step_costs(model, model_dir: Path, prompt: list[int], *, heads_dirs=(), tree
 def step_costs_markdown(report: dict, header: str) -> str:
     """The three tables."""
     lines = [header, "", f"(a) verify pass cost curve: forward over n tokens (chain, causal mask) / over 1 token "
-             f"({report['prompt_len']} prompt tokens in a cache of {report['chain_cache_len']}, cache not donated)", "",
+             f"({report['prompt_len']} prompt tokens in a cache of {report['chain_cache_len']}, inside a loop)", "",
              "| n tokens | forward ms | / forward(1) |", "|---:|---:|---:|"]
     lines += [f"| {r['n']} | {r['forward_s'] * 1e3:.2f} | {r['over_forward_1']:.2f}x |" for r in report["chain"]]
     ar = report["ar"]

@@ -112,4 +112,4 @@ def test_step_costs_tables_run_and_ratios_are_positive(tmp_path, capsys):
     assert all(r["over_forward_1"] > 0 for r in report["chain"]) and report["chain"][0]["over_forward_1"] == 1.0
     assert report["ar"]["step_over_floor"] > 0
     assert [r["method"] for r in report["speculative"]] == ["hydra"]
-    assert report["speculative"][0]["step_over_forward"] > 0 and report["cache_donated"] is False
+    assert report["speculative"][0]["step_over_forward"] > 0 and report["in_loop_steps"] == [4, 20]

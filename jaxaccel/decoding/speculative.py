@@ -28,7 +28,7 @@ from jaxaccel.decoding.prompts import pad_prompts
 from jaxaccel.decoding.result import DecodeResult, stop_id_array
 from jaxaccel.decoding.sampling import Greedy, Policy
 from jaxaccel.decoding.tree import DynamicTree, Tree
-from jaxaccel.decoding.timing import median_seconds
+from jaxaccel.decoding.timing import decode_step_seconds
 from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
 from jaxaccel.drafters import Drafter, Prefill, Verified, make_drafter
 from jaxaccel.drafters.protocol import carries
@@ -104,20 +104,12 @@ def spec_chunk(graphdef, params, module_graphdef, module_params, state: SpecStat
     return jax.lax.while_loop(lambda s: ~jnp.all(s.result.done_b) & (s.step < until), step, state)
 
 
-def spec_single_step(graphdef, params, module_graphdef, module_params, state: SpecState, stop_ids, *, policy,
-                     drafter) -> SpecState:
-    """One iteration outside the loop (for timing a tree's step cost)."""
-    model, module = merge_parts(graphdef, params, module_graphdef, module_params)
-    return spec_step(model, module, state, stop_ids, policy=policy, drafter=drafter)
-
-
 spec_prefill_jit = jax.jit(spec_prefill, static_argnums=(0, 2), static_argnames=("policy", "drafter", "max_new_tokens"),
                            donate_argnames=("cache",))
 spec_loop_jit = jax.jit(spec_loop, static_argnums=(0, 2), static_argnames=("policy", "drafter"),
                         donate_argnames=("state",))
 spec_chunk_jit = jax.jit(spec_chunk, static_argnums=(0, 2), static_argnames=("policy", "drafter"),
                          donate_argnames=("state",))
-spec_single_step_jit = jax.jit(spec_single_step, static_argnums=(0, 2), static_argnames=("policy", "drafter"))
 # Fresh buffers: the state it reads is donated to the next chunk.
 drafter_carry_jit = jax.jit(lambda drafter, draft: drafter.carry(draft), static_argnums=0)
 
@@ -201,12 +193,13 @@ class SpeculativeDecoder:
         spec_loop_jit.lower(self.graphdef, self.params, self.module_graphdef, self.module_params, state, stop_ids,
                             policy=policy, drafter=self.drafter).compile()
 
-    def step_seconds(self, prompts: Sequence[Sequence[int]], *, policy=Greedy(), max_new_tokens: int = 8) -> float:
-        """Median seconds of one draft + verify + accept step right after prefilling `prompts`."""
-        state, stop_ids = self.start(prompts, policy=policy, max_new_tokens=max_new_tokens)
-        return median_seconds(lambda: spec_single_step_jit(self.graphdef, self.params, self.module_graphdef,
-                                                           self.module_params, state, stop_ids, policy=policy,
-                                                           drafter=self.drafter), repeats=7)
+    def step_seconds(self, prompts: Sequence[Sequence[int]], *, policy=Greedy(), steps: tuple[int, int] = (4, 20)) -> float:
+        """Seconds of one draft + verify + accept step inside the compiled loop, right after prefilling
+        `prompts` (timing.decode_step_seconds); what the drafter learns meanwhile is not kept."""
+        carried = self.carried
+        seconds = decode_step_seconds(self, prompts, policy=policy, steps=steps, tokens_per_step=self.tree.depth + 1)
+        self.carried = carried
+        return seconds
 
     def generate(self, prompts: Sequence[Sequence[int]], *, policy=Greedy(), max_new_tokens: int,
                  stop_tokens: Sequence[int] = (), seed: int = 0) -> DecodeResult:

@@ -30,6 +30,46 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def loop_step_seconds(prepare: Callable[[], object], run: Callable[[object, int], object], *, short: int = 4,
+                      long: int = 20, repeats: int = 5) -> float:
+    """Seconds one iteration of a compiled loop costs inside it: the slope between `run(prepare(), short)`
+    and `run(prepare(), long)` (k iterations; `prepare` untimed, its result may be donated), each the
+    fastest of `repeats` after one warm-up. A call from Python also pays dispatch, argument handling
+    and copies of what it does not donate; a decode loop pays them once, not per step. Where noise
+    hides the difference, the long run's time per iteration (an upper bound)."""
+    def fastest(k: int) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            inputs = jax.block_until_ready(prepare())
+            start = time.perf_counter()
+            jax.block_until_ready(run(inputs, k))
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    long_s, short_s = fastest(long), fastest(short)
+    if long_s <= short_s:  # noise larger than the steps between: the long run's mean, an upper bound
+        return long_s / long
+    return (long_s - short_s) / (long - short)
+
+
+def decode_step_seconds(decoder, prompts: Sequence[Sequence[int]], *, policy: Policy = Greedy(),
+                        steps: tuple[int, int] = (4, 20), tokens_per_step: int = 1) -> float:
+    """Seconds of one step of `decoder`'s compiled loop right after prefilling `prompts`: the slope
+    between `advance` over steps[0] and over steps[1] steps (`tokens_per_step`: the most one step
+    emits, so that no row is done before steps[1])."""
+    short, long = steps
+    max_new_tokens = (long + 1) * tokens_per_step
+
+    def prepare():
+        return decoder.start(prompts, policy=policy, max_new_tokens=max_new_tokens)
+
+    def run(started, k):
+        state, stop_ids = started
+        return decoder.advance(state, stop_ids, policy=policy, max_steps=k)
+
+    return loop_step_seconds(prepare, run, short=short, long=long)
+
+
 def _sum_all(arrays):
     return sum(jnp.sum(x, dtype=jnp.float32) for x in arrays)
 

@@ -36,15 +36,20 @@ def dot_product_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Arra
             impl, kernel="decode_attention", head_dim=q_bnhd.shape[-1]) == "pallas":
         return decode_attention(q_bnhd, k_bthd, v_bthd, visible_bnt)
     b, n, hq, d = q_bnhd.shape
-    hkv = k_bthd.shape[2]
-    q_bnkgd = q_bnhd.reshape(b, n, hkv, hq // hkv, d)
-    scores = jnp.einsum("bnkgd,btkd->bkgnt", q_bnkgd, k_bthd, preferred_element_type=jnp.float32) * d**-0.5
+    t, hkv = k_bthd.shape[1:3]
+    g = hq // hkv
+    # Heads-major operands (the queries of a KV head's group as the rows m = (g, n)), so that XLA
+    # computes the scores as [B, Hkv, m, T], the softmax axis minor: otherwise XLA:CPU's dot
+    # writes them [Hkv, T, m] and transposes the whole [.., n, T] array (most of a long prefill).
+    q_bkmd = q_bnhd.reshape(b, n, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)
+    k_bktd, v_bktd = k_bthd.transpose(0, 2, 1, 3), v_bthd.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkmd,bktd->bkmt", q_bkmd, k_bktd, preferred_element_type=jnp.float32) * d**-0.5
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    scores = jnp.where(visible_bnt[:, None, None], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bthd.dtype)
-    out_bnkgd = jnp.einsum("bkgnt,btkd->bnkgd", probs, v_bthd)
-    return out_bnkgd.reshape(b, n, hq, d)
+    scores = jnp.where(visible_bnt[:, None, None], scores.reshape(b, hkv, g, n, t), MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bthd.dtype).reshape(b, hkv, g * n, t)
+    out_bkmd = jnp.einsum("bkmt,bktd->bkmd", probs, v_bktd)
+    return out_bkmd.reshape(b, hkv, g, n, d).transpose(0, 3, 1, 2, 4).reshape(b, n, hq, d)
 
 
 def visible_keys(mask_bnn: jax.Array, positions_bn: jax.Array, lengths_b: jax.Array | None,
