@@ -2,6 +2,7 @@
 bucket, sampling distributions, tensor-parallel decoding, input errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -12,6 +13,7 @@ from hf_models import build_hf_model, save_hf_model
 from jaxaccel import ModelConfig, Transformer, load_hf
 from jaxaccel.decoding import AutoregressiveDecoder, DecodeResult, Greedy, Sampler, generate, make_policy
 from jaxaccel.decoding.autoregressive import decode_loop_jit, prefill_jit
+from jaxaccel.decoding.sampling import greedy_tokens
 from jaxaccel.decoding.prompts import bucket_length
 from jaxaccel.sharding import make_mesh
 
@@ -104,6 +106,20 @@ def test_append_cuts_at_stop_tokens_and_buffer_end():
     np.testing.assert_array_equal(result.num_generated_b, [2, 5, 4])
     np.testing.assert_array_equal(result.num_steps_b, [1, 2, 2])
     np.testing.assert_array_equal(result.done_b, [True, True, False])
+
+
+def test_greedy_tokens_is_argmax_with_ties_to_the_lowest_id():
+    rng = np.random.default_rng(0)
+    ties = rng.integers(0, 4, (6, 3, 97)).astype(np.float32)  # many exact ties per row
+    spread = rng.standard_normal((6, 3, 97)).astype(np.float32)
+    masked = np.where(rng.random((6, 3, 97)) < 0.9, -np.inf, spread).astype(np.float32)
+    masked[0, 0] = -np.inf  # a row with nothing allowed: index 0, as argmax
+    for logits in (ties, spread, masked):
+        np.testing.assert_array_equal(greedy_tokens(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+        np.testing.assert_array_equal(Greedy()(jnp.asarray(logits[:, 0])), np.argmax(logits[:, 0], axis=-1))
+    nan_row = np.zeros(7, np.float32)
+    nan_row[3] = np.nan
+    assert 0 <= int(greedy_tokens(jnp.asarray(nan_row))) < 7
 
 
 def filtered_softmax(logits, temperature, top_k=None, top_p=None):

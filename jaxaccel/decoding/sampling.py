@@ -14,16 +14,27 @@ import jax
 import jax.numpy as jnp
 
 
+def greedy_tokens(logits_xv: jax.Array) -> jax.Array:
+    """int32 argmax over the last axis, the lowest index among exact ties (as `jnp.argmax`), found
+    as the max and then the lowest index holding it: two plain reductions, which XLA:CPU runs
+    about 6x faster than argmax's (value, index) reduction over a 49k vocabulary. A row with a NaN
+    (no index holds its max) gets the last index, never one past the vocabulary."""
+    v = logits_xv.shape[-1]
+    top_x1 = jnp.max(logits_xv, axis=-1, keepdims=True)
+    first_x = jnp.min(jnp.where(logits_xv == top_x1, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first_x, v - 1)
+
+
 @dataclass(frozen=True)
 class Greedy:
     """Temperature 0: the most likely token (the lowest id among exact ties, as `torch.argmax`)."""
 
     def __call__(self, logits_bv: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits_bv)
 
     def filtered_logits(self, logits_bv: jax.Array) -> jax.Array:
         """0 at the argmax, -inf elsewhere: a one-hot distribution."""
-        top_b = jnp.argmax(logits_bv, axis=-1)
+        top_b = greedy_tokens(logits_bv)
         return jnp.where(jnp.arange(logits_bv.shape[-1]) == top_b[:, None], 0.0, -jnp.inf)
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxaccel.decoding.sampling import Greedy, Policy, row_keys
+from jaxaccel.decoding.sampling import Greedy, Policy, greedy_tokens, row_keys
 from jaxaccel.decoding.tree import Tree, TreeBatch
 
 
@@ -113,7 +113,7 @@ def _greedy(tree: TreeBatch, draft_bn, logits_bnv) -> Verdict:
     it and its ancestors each carry their parent's argmax and no earlier sibling does (the walk
     offers siblings in order), so the accepted nodes form one path; the bonus token is the argmax
     after the deepest of them."""
-    target_bn = jnp.argmax(logits_bnv, axis=-1).astype(jnp.int32)
+    target_bn = greedy_tokens(logits_bnv)
     correct_bn = _drafts_parent_chose(tree, draft_bn, target_bn)
     n = tree.num_nodes
     earlier_sibling_bnn = ((tree.parent_bn[:, :, None] == tree.parent_bn[:, None, :])
@@ -139,7 +139,7 @@ def _typical(tree: TreeBatch, draft_bn, logits_bnv, rule: TypicalAcceptance) -> 
     logp_parent_bnv = jnp.take_along_axis(logp_bnv, parent_bn[:, :, None], axis=1)
     logp_of_draft_bn = jnp.take_along_axis(logp_parent_bnv, draft_bn[:, :, None], axis=2)[..., 0]
     plausible_bn = (jnp.exp(logp_of_draft_bn) > jnp.take_along_axis(threshold_bn, parent_bn, axis=1)).at[:, 0].set(True)
-    return _deepest_accepted(tree, plausible_bn, jnp.argmax(logits_bnv, axis=-1).astype(jnp.int32))
+    return _deepest_accepted(tree, plausible_bn, greedy_tokens(logits_bnv))
 
 
 def _verdict(tree: TreeBatch, last_b: jax.Array, bonus_b: jax.Array) -> Verdict:

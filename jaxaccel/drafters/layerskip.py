@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxaccel.decoding.sampling import greedy_tokens
 from jaxaccel.decoding.tree import Tree
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
@@ -86,7 +87,7 @@ def draft_chain(base, layers, cache, root_b: jax.Array, depth: int, keep_bl: jax
             x_b1d, cache, _ = run_layers(layers, x_b1d, cache=cache)
         else:
             x_b1d, cache = gated_layers(layers, x_b1d, cache, keep_bl)
-        next_b = jnp.argmax(base.logits(base.norm(x_b1d))[:, 0], axis=-1).astype(jnp.int32)
+        next_b = greedy_tokens(base.logits(base.norm(x_b1d))[:, 0])
         return (cache.advance(1), next_b), next_b
 
     _, chain_db = jax.lax.scan(step, (cache, root_b.astype(jnp.int32)), None, length=depth)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxaccel.decoding.sampling import greedy_tokens
 from jaxaccel.decoding.tree import Tree, TreeBatch
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
@@ -132,7 +133,7 @@ class Lookahead:
 
     def commit(self, base, module, state: LookaheadState, verified: Verified) -> LookaheadState:
         top_n = self.layout.window_lw[-1]
-        new_bw = jnp.argmax(verified.logits_bnv[:, top_n], axis=-1).astype(jnp.int32)
+        new_bw = greedy_tokens(verified.logits_bnv[:, top_n])
         grams_bwn = jnp.concatenate([jnp.swapaxes(state.levels_blw, 1, 2), new_bw[:, :, None]], axis=2)
         ready = state.steps >= self.ngram - 2  # every level above the oldest is the base's guess
         pool_bvgm, written_bv = state.pool_bvgm, state.written_bv
