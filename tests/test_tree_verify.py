@@ -28,6 +28,7 @@ def test_tree_buffers():
     np.testing.assert_array_equal(tree.ancestors_nd[6], [0, 1, 3, 6])
     np.testing.assert_array_equal(tree.ancestors_nd[2], [0, 2, 2, 2])
     assert tree.mask_nn[6].tolist() == [True, True, False, True, False, False, True]
+    assert [tree.parents_at(k).tolist() for k in range(4)] == [[0], [1, 2], [3], []]  # nodes with children
     assert Tree.chain(3).paths == ((0,), (0, 0), (0, 0, 0))
     with pytest.raises(ValueError, match=r"tree path \(0, 1\) has no parent \(0,\)"):
         Tree(((1,), (0, 1)))

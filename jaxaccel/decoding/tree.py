@@ -199,6 +199,11 @@ class Tree:
         """[N] depth of each node (root 0)."""
         return np.array([0] + [len(p) for p in self.paths], np.int32)
 
+    def parents_at(self, depth: int) -> np.ndarray:
+        """The nodes at `depth` that have children, in order: the only ones a drafter must rank
+        candidates after."""
+        return np.unique(self.parent_n[self.depth_n == depth + 1])
+
     @functools.cached_property
     def rank_n(self) -> np.ndarray:
         """[N] top-k rank of each node among its parent's drafts (root 0)."""

@@ -49,7 +49,7 @@ class EagleDrafter:
             positions_bn = state.cache.lengths[:, None] + tree.depth_n[:n]
             predicted_bnd, _ = heads.features(base, feats_bnd, draft_bn[:, :n], positions_bn, cache=state.cache,
                                               mask=tree.mask_nn[:n, :n])
-            parents = np.flatnonzero(tree.depth_n == k)
+            parents = tree.parents_at(k)
             top_bpr = self.top_tokens(base, heads, predicted_bnd[:, parents], tree.max_rank)
             draft_bn = place_children(tree, draft_bn, k + 1, top_bpr, parents)
         return Draft(draft_bn, tree.batch(b))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import jax.numpy as jnp
-import numpy as np
 
 from jaxaccel.decoding.tree import Tree
 from jaxaccel.drafters.common import (HeadsState, at_last_accepted, last_prompt_state, place_children, root_only,
@@ -40,7 +39,7 @@ class HydraDrafter:
         tree = self.tree
         tokens_bn = root_only(tree, root_b)
         for k in range(tree.depth):
-            parents = np.flatnonzero(tree.depth_n == k)
+            parents = tree.parents_at(k)
             path_bpj = tokens_bn[:, tree.ancestors_nd[parents][:, :k + 1]]
             h_bpd = jnp.broadcast_to(state.head_input_bd[:, None], path_bpj.shape[:2] + state.head_input_bd.shape[-1:])
             top_bpr = top_draft_tokens(heads, heads.head(base, k, h_bpd, path_bpj), tree.max_rank)
