@@ -47,3 +47,28 @@ def test_answers_are_the_models_own_greedy_chat_answers_and_a_rerun_resumes(tmp_
     capsys.readouterr()
     assert responses.main(["--model", str(model_dir), "--out", str(out), *SETTINGS, "--seed", "1"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_sampled_answers_differ_from_greedy_and_a_resumed_run_draws_the_same(tmp_path, capsys):
+    model_dir = build_chat_model(tmp_path / "chat", context=4096)
+    greedy, sampled = tmp_path / "greedy", tmp_path / "sampled"
+    assert responses.main(["--model", str(model_dir), "--out", str(greedy), *SETTINGS]) == 0
+    hot = [*SETTINGS, "--temperature", "1.5"]
+    assert responses.main(["--model", str(model_dir), "--out", str(sampled), *hot]) == 0
+    by_key = {r["key"]: r for r in read_shards(greedy)}
+    records = read_shards(sampled)
+    assert json.loads((sampled / "config.json").read_text())["settings"]["temperature"] == 1.5
+    assert sorted(r["key"] for r in records) == sorted(by_key)  # the same prompts, answered anew
+    assert all(r["prompt_ids"] == by_key[r["key"]]["prompt_ids"] for r in records)
+    assert any(r["response_ids"] != by_key[r["key"]]["response_ids"] for r in records)
+
+    (sampled / "shard-00000.jsonl").unlink()  # resumed: the same draws
+    assert responses.main(["--model", str(model_dir), "--out", str(sampled), *hot]) == 0
+    assert read_shards(sampled) == records
+
+    capsys.readouterr()  # greedy into the sampled directory, or a negative temperature: refused
+    assert responses.main(["--model", str(model_dir), "--out", str(sampled), *SETTINGS]) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert responses.main(["--model", str(model_dir), "--out", str(tmp_path / "x"), *SETTINGS,
+                           "--temperature", "-1"]) == 2
+    assert "--temperature must be >= 0" in capsys.readouterr().err

@@ -23,7 +23,9 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     features, the output directory and the draft vocabulary."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base model directory or model name")
-    p.add_argument("--features", type=Path, required=True, help="train.features output directory")
+    p.add_argument("--features", type=Path, nargs="+", required=True,
+                   help="train.features output directories (more than one: the first's held-out answers are "
+                        "evaluated on, the others' are skipped)")
     p.add_argument("--out", type=Path, required=True, help="heads directory (created; rerun to resume)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size N (0: the whole vocabulary)")
     return p
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace, base, heads_config, make_training: Callable, *
                 params = state["params"]
                 evaluation = training.evaluate(params) if evaluate is None else evaluate(training, params)
                 result = {**record, "step": int(state["step"]), "draft_vocab": vocab,
-                          "features": [str(args.features / n) for n in features.names], **evaluation}
+                          "features": [str(p) for p in features.paths], **evaluation}
                 write_json_atomically(args.out / "eval.json", result)
                 metrics.log(result["step"], {f"heldout_top1_{d['depth']}": d["top1"] for d in result["depths"]})
                 top1 = " ".join(f"{d['top1']:.3f}" for d in result["depths"])

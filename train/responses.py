@@ -5,7 +5,9 @@
 Each prompt of `../shared/data/train_prompts/` (never Spec-Bench) becomes one user message, goes
 through the model's chat template (`--no-chat`: plain text, for base models) and is answered
 greedily by our autoregressive loop, in batches of prompts of similar length, until the
-template's end of turn or --max-new-tokens. Prompts are taken in a seeded order and written in
+template's end of turn or --max-new-tokens. `--temperature T` samples the answers instead (more
+training text from the same prompts: write them to another --out and train on both feature
+directories); the draws are seeded by --seed, the shard and the batch, so a resumed run draws the same. Prompts are taken in a seeded order and written in
 shards of --shard-size (`shard-00000.jsonl`, ..., each written atomically when complete), so a
 run killed at any point and restarted with the same command goes on from the first missing
 shard, and a partial run already covers every source file. `config.json` records the model's
@@ -36,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=256, help="prompts per shard file")
     p.add_argument("--limit", type=int, help="only the first N prompts of the seeded order")
     p.add_argument("--seed", type=int, default=0, help="prompt order")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers; > 0: sampled ones")
     p.add_argument("--no-chat", action="store_true", help="plain prompts, no chat template (base models)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)  # guarded_main's flag
@@ -46,7 +49,8 @@ def settings(args: argparse.Namespace, fingerprint: dict) -> dict:
     """What a shard's content depends on: a restart must match it exactly."""
     return {"base": fingerprint, "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
             "seed": args.seed, "shard_size": args.shard_size, "chat": not args.no_chat,
-            "prompts_dir": str(args.prompts_dir or "../shared/data/train_prompts")}
+            "prompts_dir": str(args.prompts_dir or "../shared/data/train_prompts"),
+            **({"temperature": args.temperature} if args.temperature else {})}  # greedy runs predate the flag
 
 
 def encode_all(args, tokenizer, prompts) -> list[list[int]]:
@@ -60,15 +64,20 @@ def encode_all(args, tokenizer, prompts) -> list[list[int]]:
 
 
 def answer_shard(decoder, records: list[dict], *, batch_size: int, max_new_tokens: int, stop: list[int],
-                 on_batch) -> None:
-    """Fills `response_ids` and `finish_reason` of each record, batching prompts of similar length."""
+                 on_batch, temperature: float = 0.0, seed: int = 0) -> None:
+    """Fills `response_ids` and `finish_reason` of each record, batching prompts of similar length
+    (sampled at `temperature` > 0, batch k drawing with seed `seed` + k)."""
     from jaxaccel.decoding import pad_batch
+    from jaxaccel.decoding.sampling import Greedy, Sampler
+
+    policy = Sampler(temperature) if temperature else Greedy()
 
     order = sorted(range(len(records)), key=lambda i: len(records[i]["prompt_ids"]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = pad_batch([records[i]["prompt_ids"] for i in rows], batch_size)
-        result = decoder.generate(batch, max_new_tokens=max_new_tokens, stop_tokens=stop)
+        result = decoder.generate(batch, policy=policy, max_new_tokens=max_new_tokens, stop_tokens=stop,
+                                  seed=seed + start // batch_size)
         for i, tokens in zip(rows, result.sequences()):
             records[i]["response_ids"] = [int(t) for t in tokens]
             records[i]["finish_reason"] = "stop" if tokens and tokens[-1] in stop else "length"
@@ -92,12 +101,14 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "max_prompt_tokens", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     wanted = settings(args, base_fingerprint(args.model))
     args.out.mkdir(parents=True, exist_ok=True)
     config_file = args.out / "config.json"
     if config_file.is_file():
         recorded = json.loads(config_file.read_text())["settings"]
-        differ = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+        differ = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
         if differ:
             raise ValueError(f"{args.out} holds responses made with other settings ({', '.join(differ)}); "
                              "use another --out or the same command")
@@ -129,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         records = [{"key": p.key, "source": p.source, "index": p.index, "prompt_ids": i} for p, i in shard]
         answer_shard(decoder, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stop=stop,
-                     on_batch=bar.update)
+                     on_batch=bar.update, temperature=args.temperature, seed=args.seed * 1_000_003 + s * 1_000)
         lines = "".join(json.dumps(r) + "\n" for r in records)
         write_atomically(path, lambda tmp, lines=lines: Path(tmp).write_text(lines))
     bar.close()

@@ -26,7 +26,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,22 +67,32 @@ class FeatureTrainConfig:
 
 
 class FeatureSet:
-    """Every complete feature shard under a directory, checked against the base and the head's layers."""
+    """Every complete feature shard under one or more directories, checked against the base and the
+    head's layers. Sequences of held-out prompts are held out; with several directories (say the
+    model's greedy answers, then sampled answers to the same prompts) only the first directory's
+    are evaluated on, and the others' held-out prompts are skipped, so that adding data never
+    changes the held-out set nor trains on its prompts."""
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: dict, layers: tuple[int, ...], holdout_mod: int):
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"feature directory {directory} does not exist")
-        paths = sorted(p for p in directory.glob("features-*") if p.is_dir())
-        if not paths:
-            raise FileNotFoundError(f"no feature shards (features-*/) in {directory}: run python -m train.features")
-        self.shards = [read_shard(p) for p in paths]
-        self.names = [p.name for p in paths]
-        for name, shard in zip(self.names, self.shards):
+    def __init__(self, directories: str | os.PathLike | Sequence[str | os.PathLike], fingerprint: dict,
+                 layers: tuple[int, ...], holdout_mod: int):
+        if isinstance(directories, (str, os.PathLike)):
+            directories = [directories]
+        self.paths: list[Path] = []
+        first_dir: list[bool] = []
+        for n, directory in enumerate(map(Path, directories)):
+            if not directory.is_dir():
+                raise FileNotFoundError(f"feature directory {directory} does not exist")
+            paths = sorted(p for p in directory.glob("features-*") if p.is_dir())
+            if not paths:
+                raise FileNotFoundError(f"no feature shards (features-*/) in {directory}: run python -m train.features")
+            self.paths += paths
+            first_dir += [n == 0] * len(paths)
+        self.shards = [read_shard(p) for p in self.paths]
+        for path, shard in zip(self.paths, self.shards):
             if shard["meta"]["base"] != fingerprint:
-                raise ValueError(f"feature shard {directory / name} was computed from another base model")
+                raise ValueError(f"feature shard {path} was computed from another base model")
             if tuple(shard["meta"]["feature_layers"]) != tuple(layers):
-                raise ValueError(f"feature shard {directory / name} holds layers {shard['meta']['feature_layers']}, "
+                raise ValueError(f"feature shard {path} holds layers {shard['meta']['feature_layers']}, "
                                  f"the head reads {list(layers)}")
         # (shard, start, end, prompt_len) per sequence, split by key.
         self.train_seqs, self.heldout_seqs = [], []
@@ -90,10 +100,13 @@ class FeatureSet:
             starts = shard["starts"]
             for r, key in enumerate(shard["meta"]["keys"]):
                 seq = (i, int(starts[r]), int(starts[r + 1]), int(shard["prompt_lens"][r]))
-                held = is_heldout(key, holdout_mod)
-                (self.heldout_seqs if held else self.train_seqs).append(seq)
+                if not is_heldout(key, holdout_mod):
+                    self.train_seqs.append(seq)
+                elif first_dir[i]:
+                    self.heldout_seqs.append(seq)
         if not self.train_seqs or not self.heldout_seqs:
-            raise ValueError(f"{directory} holds too few sequences to split into training and held-out ones")
+            raise ValueError(f"{', '.join(map(str, directories))} hold too few sequences to split into training "
+                             "and held-out ones")
 
     def answer_counts(self, vocab_size: int, heldout: bool = False) -> np.ndarray:
         """[V] how often the model wrote each token in the training (or held-out) sequences' answers."""
