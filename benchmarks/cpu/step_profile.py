@@ -19,6 +19,8 @@ import glob
 import gzip
 import json
 import re
+import shlex
+import sys
 import tempfile
 
 import jax
@@ -132,8 +134,7 @@ def main() -> None:
     model = load_hf(model_dir)
     prompt = make_prompts(model_dir, model.config.vocab_size, 1, args.prompt_len, 0)[0]
     decoders = make_decoders(model, model_dir, args.heads or ["auto"], ["auto"], [])
-    print(f"`python benchmarks/cpu/step_profile.py --model {args.model} "
-          + " ".join(f"--method {m}" for m in args.method or ["ar"]) + f"` — {args.prompt_len}-token prompt, "
+    print(f"`python benchmarks/cpu/step_profile.py {shlex.join(sys.argv[1:])}` — {args.prompt_len}-token prompt, "
           f"{args.steps} steps, {jax.devices()[0]}; ms per step (operation times summed over threads)\n")
     for method in args.method or ["ar"]:
         report = profile(decoders[method][0], prompt, args.steps)
