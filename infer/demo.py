@@ -5,6 +5,7 @@
     python -m infer.demo --model small                    # the shipped small model + its hydra and eagle heads
     python -m infer.demo --model DIR_OR_NAME --heads HEADS_DIR [--heads ...] [--tree auto]
     python -m infer.demo --drafter pld --drafter recycling   # training-free drafters, any model
+    python -m infer.demo --drafter none                   # heads only
     python -m infer.demo --ship-from runs/small [--kinds hydra eagle]   # replace the shipped small files
     python -m infer.demo --train [--run-dir runs/small]                 # rebuild them, then ship
 
@@ -12,8 +13,9 @@ The default model is `smollm2-135m-instruct` (fetched from the package index and
 see `python -m infer.models`); its prompts are a handful of Spec-Bench questions (one per subtask,
 first turn, through the model's chat template). The `small` model's prompts are test-split
 snippets of its corpus (never trained on). Each prompt is decoded at batch 1 by the
-autoregressive loop and by the speculative loop with each heads directory, in one run on the same
-weights. The table gives tokens/s (compilation excluded), mean accepted tokens (tokens per base
+autoregressive loop and by the speculative loop with each heads directory, with each --drafter
+(default: prompt lookup, `pld:depth=2`) and with their union (the heads' tree and the drafter's
+chains verified together: on Spec-Bench the best SmolLM2 row), in one run on the same weights. The table gives tokens/s (compilation excluded), mean accepted tokens (tokens per base
 forward pass), speedup vs autoregressive and, at temperature 0, whether every token equals
 autoregressive decoding's; then one prompt and its answer. Compiled programs are kept in JAX's
 persistent cache (see jaxaccel/compilation_cache.py), so only the first run pays for compilation.
@@ -34,6 +36,7 @@ from jaxaccel.pretrained import SHIPPED_DIR, SHIPPED_KINDS, ShippedFilesError
 
 EXIT_BAD_INPUT = 2
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DRAFTER = "pld:depth=2"  # prompt lookup: no training; with shipped heads, also their union
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{DEFAULT_MODEL}; 'small': the shipped small model and heads) or model directory")
     p.add_argument("--heads", type=Path, action="append", default=[],
                    help="heads directory, repeatable (default: the heads shipped for the model, if any)")
-    p.add_argument("--drafter", action="append", default=[], help="training-free drafter NAME[:key=value,...], "
-                   "repeatable (pld, recycling; `python -m infer.drafters` lists them)")
+    p.add_argument("--drafter", action="append", help="training-free drafter NAME[:key=value,...], repeatable "
+                   f"(pld, recycling; `python -m infer.drafters` lists them; default {DEFAULT_DRAFTER}; none: no drafter)")
     p.add_argument("--questions", type=Path, help="Spec-Bench question file for chat models (default: the "
                    "shared question.jsonl)")
     p.add_argument("--tree", default="auto", help="auto (the heads' tuned tree.json, else the kind's default) | "
@@ -70,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ship.add_argument("--run-dir", type=Path, default=Path("runs/small"), help="where --train trains")
     ship.add_argument("--kinds", nargs="+", default=list(SHIPPED_KINDS), help="heads kinds to ship")
     ship.add_argument("--shipped-dir", type=Path, default=SHIPPED_DIR, help=argparse.SUPPRESS)  # tests
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.drafter = [d for d in args.drafter or [DEFAULT_DRAFTER] if d != "none"]
+    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -190,10 +195,9 @@ def markdown(report: dict) -> str:
     header = (f"model: {report['model']} ({report['num_params'] / 1e6:.2f}M params, {report['device']}), batch 1, "
               f"{prompts}, {report['max_new_tokens']} new tokens, temperature {report['temperature']:g}")
     table = speculative_markdown(report, header)
-    if not report["heads"] and len(report["rows"]) == 1:
-        table += ("\nNo draft heads ship for this model yet, so only autoregressive decoding is shown; "
-                  "`--heads DIR` adds speculative rows (`--model small` shows the shipped small model's), "
-                  "and `--drafter pld` a training-free one.\n")
+    if not report["heads"]:
+        table += ("\nNo draft heads ship for this model yet; `--heads DIR` adds rows for trained ones "
+                  "(`--model small` shows the shipped small model's).\n")
     sample = report["sample"]
     if report["chat"]:
         return (table + f"\nSample (Spec-Bench question {sample['question_id']}, {sample['category']}; "

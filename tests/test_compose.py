@@ -113,3 +113,11 @@ def test_the_clis_compose_heads_and_a_drafter(model_dir, tmp_path, capsys):
     decoders = make_decoders(model, model_dir, [heads_dir], [None], ["pld:depth=4", "recycling"])
     assert list(decoders) == ["ar", "medusa", "pld:depth=4", "medusa+pld:depth=4", "recycling"]
     assert decoders["medusa+pld:depth=4"][1]["num_nodes"] == decoders["medusa"][1]["num_nodes"] + 4
+    # With several trees (a tuned one, say), the union is made with each static one; a dynamic tree
+    # does not compose and is skipped.
+    decoders = make_decoders(model, model_dir, [heads_dir], ["chain", None, "dynamic"], ["pld:depth=4"])
+    assert list(decoders) == ["ar", "medusa (chain)", "medusa (default)", "pld:depth=4",
+                              "medusa (chain)+pld:depth=4", "medusa (default)+pld:depth=4"]
+    for tree in ("chain", "default"):
+        union, alone = decoders[f"medusa ({tree})+pld:depth=4"][1], decoders[f"medusa ({tree})"][1]
+        assert union["num_nodes"] == alone["num_nodes"] + 4 and union["tree"] == tree

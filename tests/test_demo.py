@@ -15,7 +15,7 @@ from infer import demo
 from jaxaccel.pretrained import SHIPPED_DIR
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SMALL = ["--model", "small", "--num-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "12"]
+SMALL = ["--model", "small", "--num-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "12", "--drafter", "none"]
 
 
 def test_demo_runs_end_to_end_identical_to_autoregressive_and_fills_the_compilation_cache(tmp_path):
@@ -78,7 +78,9 @@ def test_demo_on_a_chat_model_answers_spec_bench_questions_through_its_template(
             "--no-compilation-cache", "--json"]
     assert demo.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["chat"] and report["heads"] == [] and [r["method"] for r in report["rows"]] == ["ar"]
+    # No heads ship for it: AR and the default training-free drafter, prompt lookup.
+    assert report["chat"] and report["heads"] == [] and [r["method"] for r in report["rows"]] == ["ar", "pld:depth=2"]
+    assert report["rows"][1]["identical_to_ar"] is True
     assert len({p["category"] for p in report["prompts"]}) == 3  # spread over Spec-Bench's subtasks
     assert report["sample"]["question"] and "<|im_start|>" not in report["sample"]["completion"]
 
@@ -95,6 +97,8 @@ def test_demo_default_is_smollm2_answering_a_spec_bench_question(tmp_path):
     assert proc.stdout.startswith(f"model: {Path.home()}") or "smollm2-135m-instruct" in proc.stdout
     report = json.loads((tmp_path / "demo.json").read_text())
     assert report["chat"] and report["rows"][0]["identical_to_ar"] is True
-    # The heads shipped for it (jaxaccel/pretrained/smollm2-135m-instruct) are found and decode identically.
-    assert [r["method"] for r in report["rows"]] == ["ar", "eagle3"] and report["rows"][1]["identical_to_ar"] is True
+    # The heads shipped for it (jaxaccel/pretrained/smollm2-135m-instruct) are found; they, prompt lookup
+    # and their union decode identically.
+    assert [r["method"] for r in report["rows"]] == ["ar", "eagle3", "pld:depth=2", "eagle3+pld:depth=2"]
+    assert all(r["identical_to_ar"] is True for r in report["rows"])
     assert len(report["sample"]["completion"].split()) >= 3, report["sample"]
