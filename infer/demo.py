@@ -15,8 +15,8 @@ first turn, through the model's chat template). The `small` model's prompts are 
 snippets of its corpus (never trained on). Each prompt is decoded at batch 1 by the
 autoregressive loop and by the speculative loop with each heads directory, with each --drafter
 (default: prompt lookup, `pld:depth=2`) and with their union (the heads' tree and the drafter's
-chains verified together: on Spec-Bench the best SmolLM2 row), in one run on the same weights. The table gives tokens/s (compilation excluded), mean accepted tokens (tokens per base
-forward pass), speedup vs autoregressive and, at temperature 0, whether every token equals
+chains verified together: on Spec-Bench the best SmolLM2 row), in one run on the same weights.
+The table gives tokens/s (compilation excluded), mean accepted tokens (tokens per base forward pass), speedup vs autoregressive and, at temperature 0, whether every token equals
 autoregressive decoding's; then one prompt and its answer. Compiled programs are kept in JAX's
 persistent cache (see jaxaccel/compilation_cache.py), so only the first run pays for compilation.
 Bad input, or shipped files that are missing or corrupt, exit with status 2 and a message that

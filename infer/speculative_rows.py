@@ -70,8 +70,8 @@ def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
     """Method name -> (decoder, info), "ar" first; info: num_nodes, depth, heads, tree, drafter ({}
     for ar). One decoder per (heads directory, tree spec), then one per --drafter spec
     ('pld', 'recycling:...': training-free, their default trees) and, for a drafter that composes
-    with heads, one per heads directory, static tree spec and drafter spec (the union tree). Among several tree specs, a
-    dynamic one is skipped for heads whose drafter cannot grow one (alone, it is the error it
+    with heads, one per heads directory, static tree spec and drafter spec (the union tree).
+    Among several tree specs, a dynamic one is skipped for heads whose drafter cannot grow one (alone, it is the error it
     would be in infer.generate)."""
     from jaxaccel.decoding import AutoregressiveDecoder
     from jaxaccel.decoding.speculative import SpeculativeDecoder
@@ -98,14 +98,14 @@ def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
             drafter = make_drafter(heads=heads, tree=resolve_tree(tree_spec, heads_dir, heads))
             add(kind if len(tree_specs) == 1 else f"{kind} ({tree_spec or 'default'})", drafter,
                 {"heads": str(heads_dir), "tree": tree_spec or "default", "drafter": kind})
+    # The unions take each of the heads' static trees (a tuned one included); a grown (dynamic)
+    # tree does not compose.
+    static_specs = [t for t in tree_specs if not (t or "").startswith("dynamic")] or [None]
     for spec in drafter_specs:
         add(spec, make_drafter(spec, model_dir=model_dir), {"drafter": spec, "tree": "default"})
         for heads_dir, heads in loaded.items() if get_record(parse_spec(spec)[0]).composes else ():
-            # Each of the heads' static trees (a tuned one included) and the drafter's branches,
-            # verified together; a grown (dynamic) tree does not compose.
-            static = [t for t in tree_specs if not (t or "").startswith("dynamic")] or [None]
-            for tree_spec in static:
-                kind = heads.config.kind if len(static) == 1 else f"{heads.config.kind} ({tree_spec or 'default'})"
+            for tree_spec in static_specs:  # the heads' tree and the drafter's branches, verified together
+                kind = heads.config.kind if len(static_specs) == 1 else f"{heads.config.kind} ({tree_spec or 'default'})"
                 name = f"{kind}+{spec}"
                 add(name, make_drafter(spec, heads=heads, tree=resolve_tree(tree_spec, heads_dir, heads),
                                        model_dir=model_dir),

@@ -7,8 +7,8 @@ through the model's chat template (`--no-chat`: plain text, for base models) and
 greedily by our autoregressive loop, in batches of prompts of similar length, until the
 template's end of turn or --max-new-tokens. `--temperature T` samples the answers instead (more
 training text from the same prompts: write them to another --out and train on both feature
-directories); the draws are seeded by --seed, the shard and the batch, so a resumed run draws the same. Prompts are taken in a seeded order and written in
-shards of --shard-size (`shard-00000.jsonl`, ..., each written atomically when complete), so a
+directories); the draws are seeded by --seed, the shard and the batch, so a resumed run draws the
+same. Prompts are taken in a seeded order and written in shards of --shard-size (`shard-00000.jsonl`, ..., each written atomically when complete), so a
 run killed at any point and restarted with the same command goes on from the first missing
 shard, and a partial run already covers every source file. `config.json` records the model's
 fingerprint and the settings; a restart with another model or other settings is an error.
@@ -67,10 +67,9 @@ def answer_shard(decoder, records: list[dict], *, batch_size: int, max_new_token
                  on_batch, temperature: float = 0.0, seed: int = 0) -> None:
     """Fills `response_ids` and `finish_reason` of each record, batching prompts of similar length
     (sampled at `temperature` > 0, batch k drawing with seed `seed` + k)."""
-    from jaxaccel.decoding import pad_batch
-    from jaxaccel.decoding.sampling import Greedy, Sampler
+    from jaxaccel.decoding import make_policy, pad_batch
 
-    policy = Sampler(temperature) if temperature else Greedy()
+    policy = make_policy(temperature)
 
     order = sorted(range(len(records)), key=lambda i: len(records[i]["prompt_ids"]))
     for start in range(0, len(order), batch_size):

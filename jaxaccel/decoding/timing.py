@@ -70,16 +70,18 @@ def decode_step_seconds(decoder, prompts: Sequence[Sequence[int]], *, policy: Po
     return loop_step_seconds(prepare, run, short=short, long=long)
 
 
+def _sum_one(x, c):
+    return jnp.sum(x * (1 + c).astype(x.dtype), dtype=jnp.float32)
+
+
 def _sum_all(arrays, c):
-    return sum(jnp.sum(x * (1 + c).astype(x.dtype), dtype=jnp.float32) for x in arrays)
+    return sum(_sum_one(x, c) for x in arrays)
 
 
 def _matvec_all(arrays, c):
-    def read(x):
-        if x.ndim != 2:
-            return jnp.sum(x * (1 + c).astype(x.dtype), dtype=jnp.float32)
-        return jnp.sum(x @ jnp.full(x.shape[-1], 1 + c, x.dtype), dtype=jnp.float32)
-    return sum(read(x) for x in arrays)
+    """Matrices read as the decode step reads them (a matrix-vector product), the rest summed."""
+    return sum(jnp.sum(x @ jnp.full(x.shape[-1], 1 + c, x.dtype), dtype=jnp.float32) if x.ndim == 2
+               else _sum_one(x, c) for x in arrays)
 
 
 def _read_loop(read_all):
