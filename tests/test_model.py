@@ -1,5 +1,8 @@
 """The three uses of the forward pass agree: prefill + tree verify + keep == full causal forward."""
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -113,3 +116,23 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown model config field\\(s\\) \\['hiden_size'\\]"):
         ModelConfig().replace(hiden_size=3)
     assert hash(ModelConfig()) == hash(ModelConfig())
+
+
+def test_verify_head_copy_gives_the_same_logits_and_is_not_a_param():
+    # A tied model gets a [d, V] copy of its table for passes over several tokens a row; its logits
+    # equal the plain model's on fresh tokens, its Params are the same arrays, and the copy is no Param.
+    from jaxaccel.model import DecodeCopy, with_verify_head
+
+    config = dataclasses.replace(CONFIGS["gqa"], tie_embeddings=True)
+    model = Transformer(config, rngs=nnx.Rngs(3))
+    fast = with_verify_head(model)
+    assert model.lm_table_dv is None and isinstance(fast.lm_table_dv, DecodeCopy)
+    assert fast.embed_tokens.embedding[...] is model.embed_tokens.embedding[...]
+    assert len(jax.tree.leaves(nnx.state(fast, DecodeCopy))) == 1
+    assert len(jax.tree.leaves(nnx.state(fast, nnx.Param))) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    tokens = np.random.default_rng(11).integers(0, config.vocab_size, (2, 5)).astype(np.int32)
+    for n in (1, 5):  # one token a row reads [V, d], several read the copy
+        np.testing.assert_allclose(np.asarray(fast.forward(tokens[:, :n]).logits),
+                                   np.asarray(model.forward(tokens[:, :n]).logits), rtol=1e-5, atol=1e-5)
+    untied = Transformer(CONFIGS["gqa"], rngs=nnx.Rngs(3))
+    assert with_verify_head(untied) is untied

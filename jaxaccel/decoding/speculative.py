@@ -32,7 +32,7 @@ from jaxaccel.decoding.timing import decode_step_seconds
 from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
 from jaxaccel.drafters import Drafter, Prefill, Verified, make_drafter
 from jaxaccel.drafters.protocol import carries
-from jaxaccel.model import Transformer
+from jaxaccel.model import Transformer, with_verify_head
 
 
 @struct.dataclass
@@ -134,7 +134,7 @@ class SpeculativeDecoder:
 
     def __init__(self, model: Transformer, drafter: Drafter | nnx.Module, tree: Tree | DynamicTree | None = None):
         self.config = model.config
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params = nnx.split(with_verify_head(model))
         if isinstance(drafter, nnx.Module):
             drafter = make_drafter(heads=drafter, tree=tree)
         elif tree is not None:
