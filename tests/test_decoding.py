@@ -117,9 +117,15 @@ def test_greedy_tokens_is_argmax_with_ties_to_the_lowest_id():
     for logits in (ties, spread, masked):
         np.testing.assert_array_equal(greedy_tokens(jnp.asarray(logits)), np.argmax(logits, axis=-1))
         np.testing.assert_array_equal(Greedy()(jnp.asarray(logits[:, 0])), np.argmax(logits[:, 0], axis=-1))
-    nan_row = np.zeros(7, np.float32)
-    nan_row[3] = np.nan
-    assert 0 <= int(greedy_tokens(jnp.asarray(nan_row))) < 7
+    for v in (7, 1537):  # one chunk; several, the last one partly padding
+        nan_row = np.zeros(v, np.float32)
+        nan_row[3] = np.nan
+        assert 0 <= int(greedy_tokens(jnp.asarray(nan_row))) < v
+    wide = rng.integers(0, 3, (4, 2, 1537)).astype(np.float32)  # ties across chunks
+    wide[0, 0, -1] = 9.0  # the max in the padded last chunk
+    wide[1, 0] = -np.inf
+    for logits in (wide, rng.standard_normal((4, 2, 4096)).astype(np.float32)):
+        np.testing.assert_array_equal(greedy_tokens(jnp.asarray(logits)), np.argmax(logits, axis=-1))
 
 
 def filtered_softmax(logits, temperature, top_k=None, top_p=None):

@@ -14,15 +14,29 @@ import jax
 import jax.numpy as jnp
 
 
+GREEDY_CHUNK = 512
+
+
 def greedy_tokens(logits_xv: jax.Array) -> jax.Array:
     """int32 argmax over the last axis, the lowest index among exact ties (as `jnp.argmax`), found
-    as the max and then the lowest index holding it: two plain reductions, which XLA:CPU runs
-    about 6x faster than argmax's (value, index) reduction over a 49k vocabulary. A row with a NaN
-    (no index holds its max) gets the last index, never one past the vocabulary."""
+    with plain max/min reductions, which XLA:CPU runs far faster than argmax's (value, index)
+    reduction: the max of each chunk of GREEDY_CHUNK entries, the first chunk holding the row's
+    max, then the first entry holding it within that chunk (24 rows of Gemma's 262k vocabulary, a
+    Token Recycling verify pass: 1.3 ms, against 16 ms for argmax and 30 ms for one max-then-index
+    search over the whole row). A row with a NaN (no index holds its max) gets the last index,
+    never one past the vocabulary."""
     v = logits_xv.shape[-1]
-    top_x1 = jnp.max(logits_xv, axis=-1, keepdims=True)
-    first_x = jnp.min(jnp.where(logits_xv == top_x1, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
-    return jnp.minimum(first_x, v - 1)
+    c = min(GREEDY_CHUNK, v)
+    k = -(-v // c)
+    if k * c != v:  # pad to whole chunks with entries that never win
+        logits_xv = jnp.pad(logits_xv, [(0, 0)] * (logits_xv.ndim - 1) + [(0, k * c - v)], constant_values=-jnp.inf)
+    chunks_xkc = logits_xv.reshape(logits_xv.shape[:-1] + (k, c))
+    top_xk = jnp.max(chunks_xkc, axis=-1)
+    top_x1 = jnp.max(top_xk, axis=-1, keepdims=True)
+    chunk_x = jnp.min(jnp.where(top_xk == top_x1, jnp.arange(k, dtype=jnp.int32), k - 1), axis=-1)
+    within_xc = jnp.take_along_axis(chunks_xkc, chunk_x[..., None, None], axis=-2)[..., 0, :]
+    offset_x = jnp.min(jnp.where(within_xc == top_x1, jnp.arange(c, dtype=jnp.int32), c), axis=-1)
+    return jnp.minimum(chunk_x * c + offset_x, v - 1)
 
 
 @dataclass(frozen=True)
