@@ -128,6 +128,19 @@ def test_greedy_tokens_is_argmax_with_ties_to_the_lowest_id():
         np.testing.assert_array_equal(greedy_tokens(jnp.asarray(logits)), np.argmax(logits, axis=-1))
 
 
+def test_categorical_tokens_is_jax_categorical_with_the_same_key():
+    from jaxaccel.decoding.sampling import categorical_tokens
+
+    rng = np.random.default_rng(5)
+    for v in (13, 1537):
+        logits = rng.standard_normal((40, v)).astype(np.float32) * 3
+        logits[:, ::7] = -np.inf  # never drawn
+        keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 40)
+        ours = np.asarray(jax.vmap(categorical_tokens)(keys, jnp.asarray(logits)))
+        np.testing.assert_array_equal(ours, np.asarray(jax.vmap(jax.random.categorical)(keys, jnp.asarray(logits))))
+        assert not np.any(ours % 7 == 0)
+
+
 def filtered_softmax(logits, temperature, top_k=None, top_p=None):
     """The reference: the distribution a Sampler must draw from, in float64 numpy."""
     z = logits / temperature

@@ -39,6 +39,13 @@ def greedy_tokens(logits_xv: jax.Array) -> jax.Array:
     return jnp.minimum(chunk_x * c + offset_x, v - 1)
 
 
+def categorical_tokens(key: jax.Array, logits_v: jax.Array) -> jax.Array:
+    """int32 draw from softmax(logits_v) over the last axis (logits need not be normalised; -inf is
+    never drawn): the Gumbel-max trick, as `jax.random.categorical` (the same draw for the same key),
+    with `greedy_tokens` in place of its slow argmax (SmolLM2's vocabulary: 0.6 ms against 2 ms)."""
+    return greedy_tokens(jax.random.gumbel(key, logits_v.shape, logits_v.dtype) + logits_v)
+
+
 @dataclass(frozen=True)
 class Greedy:
     """Temperature 0: the most likely token (the lowest id among exact ties, as `torch.argmax`)."""
@@ -93,9 +100,7 @@ class Sampler:
         return logits_bv
 
     def __call__(self, logits_bv: jax.Array, key: jax.Array) -> jax.Array:
-        keys_b = row_keys(key, logits_bv.shape[0])
-        draw = jax.vmap(jax.random.categorical)
-        return draw(keys_b, self.filtered_logits(logits_bv)).astype(jnp.int32)
+        return jax.vmap(categorical_tokens)(row_keys(key, logits_bv.shape[0]), self.filtered_logits(logits_bv))
 
 
 Policy = Greedy | Sampler

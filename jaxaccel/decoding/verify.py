@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxaccel.decoding.sampling import Greedy, Policy, greedy_tokens, row_keys
+from jaxaccel.decoding.sampling import Greedy, Policy, categorical_tokens, greedy_tokens, row_keys
 from jaxaccel.decoding.tree import Tree, TreeBatch
 
 
@@ -73,34 +73,39 @@ def verify_tree(tree: Tree | TreeBatch, draft_bn: jax.Array, logits_bnv: jax.Arr
 
 
 def _walk(depth: int, children_nc: jax.Array, draft_n: jax.Array, probs_nv: jax.Array, key: jax.Array):
-    """One row's recursive rejection sampling down the tree -> (last accepted node, bonus token)."""
+    """One row's recursive rejection sampling down the tree -> (last accepted node, bonus token).
+    The residual distribution is kept unnormalised, its mass beside it, so that rejecting a child
+    is O(1) (zero its token, subtract its mass), not a pass over the vocabulary."""
     width = children_nc.shape[1]
 
     def offer_child(carry, slot_and_depth):
-        chosen, residual_v, node, stopped = carry
+        chosen, residual_v, mass, node, stopped = carry
         slot, depth = slot_and_depth
         child = children_nc[node, slot]
         token = draft_n[jnp.maximum(child, 0)]
         live = (child >= 0) & (chosen < 0) & ~stopped
         u = jax.random.uniform(jax.random.fold_in(key, depth * width + slot))
-        accept = live & (u < residual_v[token])
-        without_v = residual_v.at[token].set(0.0)
-        residual_v = jnp.where(live & ~accept, without_v / jnp.sum(without_v), residual_v)
-        return (jnp.where(accept, child, chosen), residual_v, node, stopped), None
+        p_token = residual_v[token]
+        accept = live & (u * mass < p_token)  # u < the normalised residual probability
+        reject = live & ~accept
+        residual_v = residual_v.at[token].set(jnp.where(reject, 0.0, p_token))
+        mass = jnp.where(reject, mass - p_token, mass)
+        return (jnp.where(accept, child, chosen), residual_v, mass, node, stopped), None
 
     def descend(carry, depth):
-        node, residual_v, stopped = carry
+        node, residual_v, mass, stopped = carry
         slots = (jnp.arange(width), jnp.full((width,), depth))
-        (chosen, residual_v, _, _), _ = jax.lax.scan(offer_child, (jnp.int32(-1), residual_v, node, stopped), slots)
+        (chosen, residual_v, mass, _, _), _ = jax.lax.scan(
+            offer_child, (jnp.int32(-1), residual_v, mass, node, stopped), slots)
         advanced = chosen >= 0
         node = jnp.where(advanced, chosen, node)
         residual_v = jnp.where(advanced, probs_nv[node], residual_v)
-        return (node, residual_v, stopped | ~advanced), None
+        mass = jnp.where(advanced, jnp.sum(residual_v), mass)
+        return (node, residual_v, mass, stopped | ~advanced), None
 
-    init = (jnp.int32(0), probs_nv[0], jnp.bool_(False))
-    (last, residual_v, _), _ = jax.lax.scan(descend, init, jnp.arange(depth))
-    bonus = jax.random.categorical(jax.random.fold_in(key, depth * width), jnp.log(residual_v))
-    return last, bonus.astype(jnp.int32)
+    init = (jnp.int32(0), probs_nv[0], jnp.sum(probs_nv[0]), jnp.bool_(False))
+    (last, residual_v, _, _), _ = jax.lax.scan(descend, init, jnp.arange(depth))
+    return last, categorical_tokens(jax.random.fold_in(key, depth * width), jnp.log(residual_v))
 
 
 def _drafts_parent_chose(tree: TreeBatch, draft_bn, choice_bn) -> jax.Array:
