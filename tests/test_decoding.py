@@ -69,6 +69,7 @@ def test_new_prompt_length_in_the_same_bucket_does_not_recompile():
         decoder.generate(random_prompts(rng, lengths, TINY.vocab_size), max_new_tokens=10)
     assert sizes() == before
     assert bucket_length(17) == 32
+    assert [bucket_length(n) for n in (1, 24, 40, 48, 49, 97, 671, 769)] == [16, 32, 48, 48, 64, 128, 768, 1024]
     decoder.generate(random_prompts(rng, [17, 3, 1, 1], TINY.vocab_size), max_new_tokens=10)  # a new bucket
     assert sizes() == (before[0] + 1, before[1] + 1)
 
