@@ -2,8 +2,9 @@
 At a realistic cache fill (a prompt of 128 tokens prefilled), batch 1, every cost measured inside a
 compiled loop (`timing.loop_step_seconds`: the slope between a short and a long run), as decoding
 pays it, without a Python call's dispatch and copies:
-(a) the verify pass cost curve: a forward over n tokens (a chain: causal mask; its logits reduced
-    to their argmax, as verification does) / a forward over 1 token, n = 1, 2, 4, 8, 16;
+(a) the verify pass cost curve: a forward over n tokens (a chain: causal mask; the tied LM head's
+    [d, V] copy for n > 1 and its logits reduced to their greedy tokens, as verification does) / a
+    forward over 1 token, n = 1, 2, 4, 8, 16;
 (b) the AR loop's step / the weight-streaming floor;
 (c) with --heads (or --drafter), the whole speculative step (`SpeculativeDecoder.step_seconds`: draft +
     verify + accept + commit) / the forward over its tree's node count, at the same cache size.
@@ -19,7 +20,9 @@ from flax import nnx
 
 from jaxaccel.cache import KVCache
 from jaxaccel.decoding.prompts import bucket_length
+from jaxaccel.decoding.sampling import greedy_tokens
 from jaxaccel.decoding.timing import loop_step_seconds
+from jaxaccel.model import with_verify_head
 
 CHAIN_SIZES = (1, 2, 4, 8, 16)
 PROMPT_LEN = 128
@@ -38,7 +41,7 @@ def _forwards(graphdef, params, cache, tokens_bn, steps):
     def body(_, carry):
         cache, total = carry
         out = model.forward(tokens_bn, cache=cache)  # causal mask, positions after the cache
-        return out.cache, total + jnp.sum(jnp.argmax(out.logits, axis=-1))
+        return out.cache, total + jnp.sum(greedy_tokens(out.logits))
 
     return jax.lax.fori_loop(0, steps, body, (cache, jnp.int32(0)))
 
@@ -52,7 +55,7 @@ class ForwardTimer:
 
     def __init__(self, model, prompt: list[int], repeats: int):
         self.config = model.config
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params = nnx.split(with_verify_head(model))  # as a SpeculativeDecoder's verify
         self.prompt, self.repeats = prompt, repeats
 
     def seconds(self, n: int, cache_len: int) -> float:
