@@ -12,6 +12,8 @@ Module names follow the Hugging Face checkpoints, so the weight key map (jaxacce
 
 from __future__ import annotations
 
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,17 +149,26 @@ class DecodeCopy(nnx.Variable):
     """A weight copied into another layout for decoding: not a Param, so never trained or saved."""
 
 
+# model -> (its tied table, that table as [d, V]): one copy per model, however many decoders it serves.
+_VERIFY_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def with_verify_head(model: Transformer) -> Transformer:
     """`model`, sharing its weights, with its tied LM head's table also kept as [d, V] (`lm_table_dv`)
     for passes over several tokens per row (tree verification). On XLA:CPU a product of 2-16 rows
     with the [V, d] table runs at about half the memory bandwidth of the same product with [d, V]
     (and the table is 21% of the bytes SmolLM2-135M reads a pass, 63% of Gemma 3 270M's), while one
-    row, an AR step, is fastest against [V, d]. The copy costs the table's size again, so only where it pays: CPU, tied head.
-    Anything else gets `model` back."""
+    row, an AR step, is fastest against [V, d]. The copy costs the table's size again, so only where
+    it pays (CPU, a tied head), and once per model: decoders of the same model share it. Anything
+    else gets `model` back."""
     if model.lm_head is not None or jax.default_backend() != "cpu":
         return model
+    table_vd = model.embed_tokens.embedding[...]
+    cached = _VERIFY_TABLES.get(model)
+    if cached is None or cached[0] is not table_vd:  # first use, or the weights were replaced since
+        cached = _VERIFY_TABLES[model] = (table_vd, jnp.transpose(table_vd))
     copy = nnx.merge(*nnx.split(model))
-    copy.lm_table_dv = DecodeCopy(jnp.transpose(model.embed_tokens.embedding[...]))
+    copy.lm_table_dv = DecodeCopy(cached[1])
     return copy
 
 

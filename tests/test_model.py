@@ -129,6 +129,7 @@ def test_verify_head_copy_gives_the_same_logits_and_is_not_a_param():
     assert model.lm_table_dv is None and isinstance(fast.lm_table_dv, DecodeCopy)
     assert fast.embed_tokens.embedding[...] is model.embed_tokens.embedding[...]
     assert len(jax.tree.leaves(nnx.state(fast, DecodeCopy))) == 1
+    assert with_verify_head(model).lm_table_dv[...] is fast.lm_table_dv[...]  # one copy per model
     assert len(jax.tree.leaves(nnx.state(fast, nnx.Param))) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
     tokens = np.random.default_rng(11).integers(0, config.vocab_size, (2, 5)).astype(np.int32)
     for n in (1, 5):  # one token a row reads [V, d], several read the copy

@@ -16,7 +16,7 @@ MIN_BUCKET = 16
 
 def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
     """The padded length for a prompt of n tokens, at least `minimum`: the next power of two, or
-    three quarters of it (48, 96, 192, ...) where that fits. Half-steps keep padding under a third
+    three quarters of it (48, 96, 192, ...) where that fits. The extra steps keep padding under a third
     (a prefill's cost grows faster than its length: a 671-token prompt prefills in about half the
     time at 768 as at 1024) for twice the compiled shapes."""
     power = max(minimum, 1 << max(n - 1, 0).bit_length())
