@@ -53,3 +53,43 @@ def test_several_directories_train_together_and_only_the_first_is_held_out(tmp_p
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FeatureSet([first, tmp_path / "missing"], *args)
+
+
+def test_prompt_weight_draws_windows_over_prompts_and_weighs_their_loss(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxaccel.training.feature_cache import DepthOutputs, depth_targets, loss_and_metrics
+
+    model_dir = build_chat_model(tmp_path / "chat", context=512)
+    feats = features_of(tmp_path, model_dir, "greedy", 2)
+    features = FeatureSet(feats, base_fingerprint(model_dir), feature_layers(num_layers(model_dir)), HOLDOUT_MOD)
+    answers_only = features.batch(0, 0, 16, 32)
+    assert np.array_equal(answers_only["weight"], answers_only["answer"].astype(np.float32))
+    batches = [features.batch(0, step, 16, 32, prompt_weight=0.25) for step in range(4)]
+    weights = np.concatenate([b["weight"].ravel() for b in batches])
+    answer = np.concatenate([b["answer"].ravel() for b in batches])
+    assert np.all(weights[answer] == 1.0)
+    assert np.isin(weights[~answer], [0.0, 0.25]).all()  # 0: past the sequence's end
+    # Windows over answers start 32 // 8 = 4 tokens before them; these reach further into prompts.
+    prompt_per_window = np.concatenate([(b["weight"] == 0.25).sum(axis=1) for b in batches])
+    assert prompt_per_window.max() > 4 and (answers_only["weight"] == 0).sum() > 0
+
+    # The loss is the weighted mean of the entries' KL divergences; top-1 counts answer tokens only.
+    rng = np.random.default_rng(3)
+    b = batches[0]
+    depth, n = 2, 7
+    teacher_btn = jnp.asarray(rng.normal(size=b["tokens"].shape + (n,)), jnp.float32)
+    target_kbtn, greedy_kbt, mask_kbt, weight_kbt = depth_targets(teacher_btn, b, depth)
+    logits_kbtn = jnp.asarray(rng.normal(size=target_kbtn.shape), jnp.float32)
+    out = DepthOutputs(logits_kbtn, target_kbtn, greedy_kbt, mask_kbt, weight_kbt)
+    _, metrics = loss_and_metrics(out, None, 0.8)
+    p = np.exp(np.asarray(target_kbtn) - np.asarray(target_kbtn).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.exp(np.asarray(logits_kbtn) - np.asarray(logits_kbtn).max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    kl = (p * (np.log(p) - np.log(q))).sum(-1)
+    w = np.asarray(weight_kbt)
+    for k in range(depth):
+        assert np.isclose(float(metrics[f"loss_{k}"]), (kl[k] * w[k]).sum() / w[k].sum(), rtol=1e-4)
+        hits = (np.asarray(greedy_kbt[k]) == np.argmax(np.asarray(logits_kbtn[k]), -1)) & np.asarray(mask_kbt[k])
+        assert np.isclose(float(metrics[f"top1_{k}"]), hits.sum() / max(np.asarray(mask_kbt[k]).sum(), 1))

@@ -51,6 +51,8 @@ def add_training_flags(p: argparse.ArgumentParser, depth_decay_help: str) -> Non
         ("--weight-decay", float, 0.0, "AdamW weight decay"),
         ("--depth-decay", float, 0.8, depth_decay_help),
         ("--seed", int, 0, "init and data-order seed"),
+        ("--prompt-weight", float, 0.0, "> 0: train on windows anywhere in a sequence, its prompt tokens weighing "
+                                         "this much in the loss (answer tokens 1); may change on resumption"),
         ("--holdout-mod", int, HOLDOUT_MOD, "hold out the sequences whose key hashes to 0 mod this"),
         ("--checkpoint-every", int, 50, "save a checkpoint every K steps"),
         ("--keep-checkpoints", int, 2, "keep the newest N checkpoints"),
@@ -71,10 +73,13 @@ def train_config(args: argparse.Namespace):
     """The run's FeatureTrainConfig from `add_training_flags`' flags."""
     from jaxaccel.training.feature_cache import FeatureTrainConfig
 
+    if args.prompt_weight < 0:
+        raise ValueError(f"--prompt-weight must be >= 0, got {args.prompt_weight}")
     return FeatureTrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, depth_decay=args.depth_decay,
-        seed=args.seed, holdout_mod=args.holdout_mod, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, holdout_mod=args.holdout_mod, prompt_weight=args.prompt_weight,
+        checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints)
 
 

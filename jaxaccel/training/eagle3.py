@@ -7,7 +7,7 @@ each of the `depth` unrolled draft steps (training-time test), is the cross-entr
 draft-vocabulary distribution against the base's next-token distribution restricted to the
 draft vocabulary (softmax of the cached hidden state over those LM-head rows; reported as the
 KL divergence, the same gradient), on answer tokens
-only, step s weighted `depth_decay ** s`. No feature regression (EAGLE-3 drops it).
+(and prompt tokens, weighted, with `prompt_weight`), step s weighted `depth_decay ** s`. No feature regression (EAGLE-3 drops it).
 
     FEATURES_DIR/features-0000k/    train.features shards (one base, the head's feature layers)
     OUT/draft_vocab.npy             d2t, fixed at the run's first start (answer-token counts of its shards)

@@ -59,8 +59,12 @@ class FeatureTrainConfig:
     holdout_mod: int = HOLDOUT_MOD
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    # > 0: windows anywhere in a sequence, its prompt tokens weighing this much in the loss (the base's
+    # states over human-written text: more varied inputs than its own answers); 0: answers only.
+    prompt_weight: float = 0.0
 
-    RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints")  # may change between a run and its resumption
+    # May change between a run and its resumption (prompt_weight, like added shards, changes the data).
+    RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "prompt_weight")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,14 +119,17 @@ class FeatureSet:
             counts += np.bincount(np.asarray(self.shards[i]["tokens"][start + prompt_len:end]), minlength=vocab_size)
         return counts
 
-    def windows(self, seqs, offsets, seq_len: int) -> dict[str, np.ndarray]:
+    def windows(self, seqs, offsets, seq_len: int, prompt_weight: float = 0.0) -> dict[str, np.ndarray]:
         """Windows of `seq_len` positions from each (sequence, start offset): tokens, layers (float32),
-        hidden (float32), and `answer` [B, T] (the token at that position is part of the answer)."""
+        hidden (float32), `answer` [B, T] (the token at that position is part of the answer) and
+        `weight` [B, T] float32 (its weight in the loss: 1 in the answer, `prompt_weight` in the
+        prompt, 0 past the sequence's end)."""
         b = len(seqs)
         d = self.shards[0]["hidden"].shape[1]
         k = self.shards[0]["layers"].shape[1]
         out = {"tokens": np.zeros((b, seq_len), np.int32), "layers": np.zeros((b, seq_len, k, d), np.float32),
-               "hidden": np.zeros((b, seq_len, d), np.float32), "answer": np.zeros((b, seq_len), bool)}
+               "hidden": np.zeros((b, seq_len, d), np.float32), "answer": np.zeros((b, seq_len), bool),
+               "weight": np.zeros((b, seq_len), np.float32)}
         for row, ((i, start, end, prompt_len), offset) in enumerate(zip(seqs, offsets)):
             lo, hi = start + offset, min(start + offset + seq_len, end)
             shard, n = self.shards[i], hi - lo
@@ -130,6 +137,7 @@ class FeatureSet:
             out["layers"][row, :n] = shard["layers"][lo:hi]
             out["hidden"][row, :n] = shard["hidden"][lo:hi]
             out["answer"][row, :n] = np.arange(offset, offset + n) >= prompt_len
+            out["weight"][row, :n] = np.where(out["answer"][row, :n], 1.0, prompt_weight)
         return out
 
     @staticmethod
@@ -138,15 +146,18 @@ class FeatureSet:
         _, start, end, prompt_len = seq
         return max(0, min(prompt_len - seq_len // 8, end - start - seq_len))
 
-    def batch(self, seed: int, step: int, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
-        """Training batch `step`: random sequences, random windows over their answers."""
+    def batch(self, seed: int, step: int, batch_size: int, seq_len: int,
+              prompt_weight: float = 0.0) -> dict[str, np.ndarray]:
+        """Training batch `step`: random sequences, random windows over their answers (over the
+        whole sequence, prompt included, when `prompt_weight` > 0)."""
         rng = np.random.default_rng([seed, step])
         seqs = [self.train_seqs[j] for j in rng.integers(0, len(self.train_seqs), batch_size)]
         offsets = []
         for seq in seqs:
-            lo, hi = self.first_offset(seq, seq_len), max(0, seq[2] - seq[1] - seq_len // 2)
+            lo = 0 if prompt_weight > 0 else self.first_offset(seq, seq_len)
+            hi = max(0, seq[2] - seq[1] - seq_len // 2)
             offsets.append(int(rng.integers(lo, max(lo, hi) + 1)))
-        return self.windows(seqs, offsets, seq_len)
+        return self.windows(seqs, offsets, seq_len, prompt_weight)
 
     def heldout_batches(self, batch_size: int, seq_len: int):
         """The held-out sequences, one window each from just before its answer."""
@@ -185,15 +196,19 @@ class DepthOutputs(NamedTuple):
     target_kbtn: jax.Array  # the base's logits for the token it drafts, restricted to the draft vocabulary
     greedy_kbt: jax.Array  # that token (the base's greedy answer)
     mask_kbt: jax.Array  # the entries that count (an answer token inside the window)
+    weight_kbt: jax.Array  # each entry's weight in the loss (answer tokens 1, prompt tokens the prompt weight)
 
 
-def depth_targets(teacher_btn: jax.Array, batch: dict, depth: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def depth_targets(teacher_btn: jax.Array, batch: dict, depth: int) -> tuple[jax.Array, ...]:
     """Step k at row t drafts the token at t + k + 2 (the base's prediction at t + k + 1): from the
     base's restricted logits after each position [B, T, N], the targets [K, B, T, N], the tokens
-    [K, B, T] and the entries that count [K, B, T] (False past a window's end, as is the target's row)."""
+    [K, B, T], the entries that count [K, B, T] (False past a window's end, as is the target's row)
+    and their loss weights [K, B, T] (the batch's `weight`, or the answer mask)."""
+    weight_bt = batch["weight"] if "weight" in batch else batch["answer"].astype(jnp.float32)
     return (jnp.stack([shift_left(teacher_btn, k + 1) for k in range(depth)]),
             jnp.stack([shift_left(batch["tokens"], k + 2) for k in range(depth)]),
-            jnp.stack([shift_left(batch["answer"], k + 2) for k in range(depth)]))
+            jnp.stack([shift_left(batch["answer"], k + 2) for k in range(depth)]),
+            jnp.stack([shift_left(weight_bt, k + 2) for k in range(depth)]))
 
 
 def _hits(out: DepthOutputs, d2t_n: jax.Array | None) -> jax.Array:
@@ -204,13 +219,14 @@ def _hits(out: DepthOutputs, d2t_n: jax.Array | None) -> jax.Array:
 
 def loss_and_metrics(out: DepthOutputs, d2t_n: jax.Array | None, depth_decay: float):
     """(depth-weighted KL divergence from the base's restricted distribution, {loss, loss_k, top1_k}):
-    on the entries that count, step k weighted `depth_decay ** k`. d2t_n maps the head's draft
-    indices to token ids (None: they are token ids)."""
+    each entry weighted by its loss weight (the answer's tokens 1), step k by `depth_decay ** k`;
+    top-1 over the answer's tokens. d2t_n maps the head's draft indices to token ids (None: they
+    are token ids)."""
     depth = out.logits_kbtn.shape[0]
     logp_kbtn = jax.nn.log_softmax(out.target_kbtn, axis=-1)  # KL(p || q): the cross-entropy less p's entropy
     kl_kbt = jnp.sum(jnp.exp(logp_kbtn) * (logp_kbtn - jax.nn.log_softmax(out.logits_kbtn, axis=-1)), axis=-1)
     count_k = jnp.maximum(out.mask_kbt.sum(axis=(1, 2)), 1)
-    loss_k = jnp.sum(kl_kbt * out.mask_kbt, axis=(1, 2)) / count_k
+    loss_k = jnp.sum(kl_kbt * out.weight_kbt, axis=(1, 2)) / jnp.maximum(out.weight_kbt.sum(axis=(1, 2)), 1e-6)
     top1_k = jnp.sum(_hits(out, d2t_n) & out.mask_kbt, axis=(1, 2)) / count_k
     weights_k = depth_decay ** jnp.arange(depth)
     loss = jnp.sum(weights_k * loss_k) / jnp.sum(weights_k)
@@ -302,7 +318,7 @@ class FeatureTraining:
 
     def batch(self, step: int) -> dict:
         c = self.config
-        return self.prepare(self.features.batch(c.seed, step, c.batch_size, c.seq_len))
+        return self.prepare(self.features.batch(c.seed, step, c.batch_size, c.seq_len, c.prompt_weight))
 
     def heads(self, trainable) -> nnx.Module:
         """The head as a module (for save_heads)."""
