@@ -85,3 +85,19 @@ def guarded_main(run, args) -> int:
             raise
         print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def check_same_settings(out_dir, settings: dict, what: str) -> None:
+    """A resumed run must match the settings recorded in OUT/config.json (if any): ValueError naming
+    those that differ, before anything in OUT is touched."""
+    import json
+    from pathlib import Path
+
+    config_file = Path(out_dir) / "config.json"
+    if not config_file.is_file():
+        return
+    recorded = json.loads(config_file.read_text())["settings"]
+    differ = sorted(k for k in settings.keys() | recorded.keys() if recorded.get(k) != settings.get(k))
+    if differ:
+        raise ValueError(f"{out_dir} holds {what} made with other settings ({', '.join(differ)}); "
+                         "use another --out or the same command")

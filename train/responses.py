@@ -13,6 +13,8 @@ run killed at any point and restarted with the same command goes on from the fir
 shard, and a partial run already covers every source file. `config.json` records the model's
 fingerprint and the settings; a restart with another model or other settings is an error.
 One JSON object per answer: key, source, index, prompt_ids, response_ids, finish_reason.
+`--prompts-file` answers other prompts instead (train.self_prompts' messages written by the model
+itself), keyed by that file's name and row; the held-out split applies to them alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from train.common import guarded_main
+from train.common import check_same_settings, guarded_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model directory or model name")
     p.add_argument("--out", type=Path, required=True, help="directory of the shards (rerun to resume)")
     p.add_argument("--prompts-dir", type=Path, help="training prompt files (default: ../shared/data/train_prompts)")
+    p.add_argument("--prompts-file", type=Path, help="answer these prompts instead: a JSON-lines file of "
+                   "{\"prompt\": text}, or a directory of such shards (train.self_prompts' output)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts (or ones that leave no room "
                    "for --max-new-tokens in the context) are skipped")
@@ -50,6 +54,7 @@ def settings(args: argparse.Namespace, fingerprint: dict) -> dict:
     return {"base": fingerprint, "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
             "seed": args.seed, "shard_size": args.shard_size, "chat": not args.no_chat,
             "prompts_dir": str(args.prompts_dir or "../shared/data/train_prompts"),
+            **({"prompts_file": str(args.prompts_file)} if args.prompts_file else {}),
             **({"temperature": args.temperature} if args.temperature else {})}  # greedy runs predate the flag
 
 
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxaccel.heads.io import base_fingerprint
     from jaxaccel.hf import load_hf
     from jaxaccel.models import resolve_model
-    from jaxaccel.training.prompts import read_train_prompts
+    from jaxaccel.training.prompts import read_prompt_file, read_train_prompts
 
     args.model = resolve_model(args.model)  # a name is prepared on first use
 
@@ -103,16 +108,13 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     wanted = settings(args, base_fingerprint(args.model))
+    prompts = read_prompt_file(args.prompts_file) if args.prompts_file else read_train_prompts(args.prompts_dir)
+    if args.prompts_file:  # the shards follow a seeded order of all the prompts: a grown file would reshuffle them
+        wanted["num_prompts"] = len(prompts)
+    check_same_settings(args.out, wanted, "responses")
     args.out.mkdir(parents=True, exist_ok=True)
     config_file = args.out / "config.json"
-    if config_file.is_file():
-        recorded = json.loads(config_file.read_text())["settings"]
-        differ = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
-        if differ:
-            raise ValueError(f"{args.out} holds responses made with other settings ({', '.join(differ)}); "
-                             "use another --out or the same command")
 
-    prompts = read_train_prompts(args.prompts_dir)
     order = np.random.default_rng(args.seed).permutation(len(prompts))
     prompts = [prompts[i] for i in order][:args.limit]
     model = load_hf(args.model)

@@ -66,3 +66,23 @@ def read_train_prompts(directory: str | os.PathLike | None = None) -> list[Train
             seen.add(p.text)
             unique.append(p)
     return unique
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[TrainPrompt]:
+    """Prompts of a JSON-lines file of {"prompt": text} rows, or of the shard-*.jsonl files of a
+    directory in order (train.self_prompts' output): source the file's or directory's name, index
+    the row (counted across shards, so that keys stay put as shards are added)."""
+    path = Path(path)
+    files = sorted(path.glob("shard-*.jsonl")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise FileNotFoundError(f"no prompts at {path} (a JSON-lines file, or a directory of shard-*.jsonl)")
+    rows = [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for i, line in enumerate(rows):
+        try:
+            text = json.loads(line)["prompt"].strip()
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path}: row {i + 1} is not a JSON object with a \"prompt\" string") from None
+        if text:
+            prompts.append(TrainPrompt(path.name, i, text))
+    return prompts
