@@ -135,11 +135,11 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     seen.add(text)
                     kept.append(text)
-        lines = "".join(json.dumps({"prompt": t}) + "\n" for t in kept)
-        write_atomically(path, lambda tmp, lines=lines: Path(tmp).write_text(lines, encoding="utf-8"))
-        stats_file = args.out / "dropped.json"
+        stats_file = args.out / "dropped.json"  # before the shard: a shard on disk always has its counts
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
         write_json_atomically(stats_file, {**stats, path.name: dropped})
+        lines = "".join(json.dumps({"prompt": t}) + "\n" for t in kept)
+        write_atomically(path, lambda tmp, lines=lines: Path(tmp).write_text(lines, encoding="utf-8"))
         bar.update()
     bar.close()
     print(f"{len(read_shard_prompts(args.out))} messages in {shards} shards under {args.out}", file=sys.stderr)
