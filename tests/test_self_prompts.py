@@ -47,17 +47,17 @@ def test_generated_shards_add_up_are_seeded_and_resume(tmp_path):
     assert self_prompts.main([*args, "--out", str(first)]) == 0
     assert sorted(p.name for p in first.glob("shard-*.jsonl")) == [f"shard-0000{i}.jsonl" for i in range(3)]
     dropped = json.loads((first / "dropped.json").read_text())
-    kept = self_prompts.read_shard_prompts(first)
+    kept = self_prompts.written_prompts(first)
     assert len(kept) + sum(sum(d.values()) for d in dropped.values()) == 20
     assert len(set(kept)) == len(kept) and all(k.strip() == k and k for k in kept)
 
     # The same command elsewhere draws the same; with a shard missing, a rerun redoes just that one.
     assert self_prompts.main([*args, "--out", str(second)]) == 0
-    assert self_prompts.read_shard_prompts(second) == kept
+    assert self_prompts.written_prompts(second) == kept
     (second / "shard-00001.jsonl").unlink()
     before = (second / "shard-00000.jsonl").stat().st_mtime_ns
     assert self_prompts.main([*args, "--out", str(second)]) == 0
-    assert self_prompts.read_shard_prompts(second) == kept
+    assert self_prompts.written_prompts(second) == kept
     assert (second / "shard-00000.jsonl").stat().st_mtime_ns == before
     # Other settings into the same directory: an error naming them, nothing overwritten.
     assert self_prompts.main([*args[:-1], "--temperature", "0.7", "--out", str(second), "--no-progress"]) == 2

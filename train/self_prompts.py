@@ -73,10 +73,11 @@ def drop_reason(tokens: list[int], text: str, stop: list[int], seen: set[str], e
     return "spec_bench_overlap" if word_runs(text, n) & evaluation else None
 
 
-def read_shard_prompts(directory: Path) -> list[str]:
-    """The messages of every complete shard, in order."""
-    return [json.loads(line)["prompt"] for path in sorted(directory.glob("shard-*.jsonl"))
-            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def written_prompts(directory: Path) -> list[str]:
+    """The messages of every complete shard so far, in order (none before the first)."""
+    from jaxaccel.training.prompts import read_prompt_file
+
+    return [p.text for p in read_prompt_file(directory)] if any(directory.glob("shard-*.jsonl")) else []
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     decoder = AutoregressiveDecoder(load_hf(args.model))
     policy = make_policy(args.temperature)
     shards = -(-args.count // args.shard_size)
-    seen = set(read_shard_prompts(args.out))
+    seen = set(written_prompts(args.out))
     bar = tqdm(total=shards, unit="shard", disable=args.no_progress, dynamic_ncols=True)
     for s in range(shards):
         path = args.out / f"shard-{s:05d}.jsonl"
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         write_atomically(path, lambda tmp, lines=lines: Path(tmp).write_text(lines, encoding="utf-8"))
         bar.update()
     bar.close()
-    print(f"{len(read_shard_prompts(args.out))} messages in {shards} shards under {args.out}", file=sys.stderr)
+    print(f"{len(written_prompts(args.out))} messages in {shards} shards under {args.out}", file=sys.stderr)
     return 0
 
 
