@@ -15,6 +15,7 @@ from jaxaccel.decoding.speculative import SpeculativeDecoder
 from jaxaccel.decoding.tree import DynamicTree, Tree
 from jaxaccel.drafters import Draft, make_drafter
 from jaxaccel.drafters.compose import Composite, union_parents
+from jaxaccel.drafters.protocol import samples_drafts
 from infer.speculative_rows import make_decoders
 from jaxaccel import load_hf
 from jaxaccel.heads import HeadsConfig, make_heads, save_heads
@@ -69,12 +70,14 @@ def test_a_step_accepts_what_the_better_part_accepts(base, prompts):
     assert wins == {"heads", "pld"}, wins  # each part is the better one somewhere
 
 
-def test_sampling_follows_the_base_distribution(base, prompts):
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])  # point-mass heads drafts; sampled ones (the q-aware rule)
+def test_sampling_follows_the_base_distribution(base, prompts, kind):
     policy = Sampler(temperature=1.0, top_k=4)
     rows, k = 3000, 4
     batch = [prompts[3]] * rows
     ar = AutoregressiveDecoder(base).generate(batch, policy=policy, max_new_tokens=k, seed=1)
-    drafter = make_drafter("pld:depth=3", heads=heads_for(base, "medusa"))
+    drafter = make_drafter("pld:depth=3", heads=heads_for(base, kind))
+    assert samples_drafts(drafter) == (kind == "eagle")
     spec = SpeculativeDecoder(base, drafter).generate(batch, policy=policy, max_new_tokens=k, seed=2)
     assert spec.mean_accepted_tokens() > 1.05, spec.mean_accepted_tokens()
     assert same_law_pvalue(ar, spec, k) > 1e-3  # (test_layerskip shows the test's power)

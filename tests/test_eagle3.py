@@ -19,6 +19,7 @@ from jaxaccel.decoding.speculative import SpeculativeDecoder
 from jaxaccel.decoding.tune import draft_ranks
 from jaxaccel.decoding.tree import DynamicTree, Tree
 from jaxaccel.drafters import Prefill, make_drafter
+from jaxaccel.drafters.eagle3 import Eagle3Drafter
 from jaxaccel.heads import HeadsConfig
 from jaxaccel.heads.common import base_lm_kernel
 from jaxaccel.heads.eagle3 import Eagle3Heads
@@ -115,16 +116,27 @@ def test_tree_tuning_ranks_are_the_drafters_own(base, prompts, heads):
     assert (ranks[:, 0] == 0).mean() > 0.3  # the trained head is right often enough for the deeper checks to run
 
 
+class PointDrafts(Eagle3Drafter):
+    """The same drafter without the sampling capability: top-ranked drafts at any temperature."""
+    sample_draft = None
+
+
 def test_sampling_follows_the_base_distribution(base, prompts, heads):
     """Two-sample test at T = 1 (top-4 filtering, as in test_drafters): the first 4 tokens of
-    speculative and autoregressive sampling have the same joint law, trimmed vocabulary included."""
+    speculative and autoregressive sampling have the same joint law, trimmed vocabulary included,
+    with drafts sampled from the head (the q-aware rule) and with its top-ranked drafts; sampled
+    drafts are accepted more often."""
     policy, rows, k = Sampler(temperature=1.0, top_k=4), 3000, 4
     batch = [prompts[1]] * rows
     ar = AutoregressiveDecoder(base).generate(batch, policy=policy, max_new_tokens=k, seed=1)
-    spec = SpeculativeDecoder(base, make_drafter(heads=heads, tree=Tree(((0,), (1,), (0, 0))))).generate(
-        batch, policy=policy, max_new_tokens=k, seed=2)
-    assert spec.mean_accepted_tokens() > 1.05, spec.mean_accepted_tokens()
-    assert same_law_pvalue(ar, spec, k) > 1e-3
+    sampled_drafter = make_drafter(heads=heads, tree=Tree(((0,), (1,), (0, 0))))
+    point_drafter = PointDrafts(tree=sampled_drafter.tree, module=heads, capture=sampled_drafter.capture)
+    accepted = {}
+    for name, drafter in (("sampled", sampled_drafter), ("point", point_drafter)):
+        spec = SpeculativeDecoder(base, drafter).generate(batch, policy=policy, max_new_tokens=k, seed=2)
+        accepted[name] = spec.mean_accepted_tokens()
+        assert same_law_pvalue(ar, spec, k) > 1e-3, name
+    assert accepted["point"] > 1.05 and accepted["sampled"] > accepted["point"] + 0.05, accepted
 
 
 def test_train_eagle3_on_cached_features(tmp_path, capsys):

@@ -74,6 +74,15 @@ def test_greedy_verdict_follows_the_argmax(tree_name):
     assert 1 < float(verdict.num_nodes_b.mean()) < tree.depth + 1
 
 
+def check_law(samples, p_v):
+    """The samples follow p_v (chi-square), and none falls outside its support."""
+    support = p_v > 0
+    counts = np.bincount(samples, minlength=len(p_v))
+    assert counts[~support].sum() == 0, "drew a token outside the filtered distribution"
+    pvalue = stats.chisquare(counts[support], len(samples) * p_v[support] / p_v[support].sum()).pvalue
+    assert pvalue > 1e-4, (counts, p_v)
+
+
 def test_rejection_sampling_follows_the_base_distribution():
     """Over many independent rows, the first two emitted tokens have the base model's law."""
     tree = Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)))
@@ -89,18 +98,36 @@ def test_rejection_sampling_follows_the_base_distribution():
     emitted = np.asarray(verdict.emitted(jnp.broadcast_to(draft_n, (rows, tree.num_nodes))))
     first = emitted[:, 0]
 
-    def check(samples, p_v):
-        support = p_v > 0
-        counts = np.bincount(samples, minlength=v)
-        assert counts[~support].sum() == 0, "drew a token outside the filtered distribution"
-        pvalue = stats.chisquare(counts[support], len(samples) * p_v[support] / p_v[support].sum()).pvalue
-        assert pvalue > 1e-4, (counts, p_v)
-
-    check(first, p_nv[0])
+    check_law(first, p_nv[0])
     # Given that the first token is child node 1's token (accepted), the second follows p at node 1.
     took_node1 = (np.asarray(verdict.num_nodes_b) >= 2) & (np.asarray(verdict.path_bd[:, 1]) == 1)
     assert took_node1.sum() > 5000
-    check(emitted[took_node1, 1], p_nv[1])
+    check_law(emitted[took_node1, 1], p_nv[1])
+
+
+def test_sampled_drafts_follow_the_base_distribution():
+    """Drafts drawn from distributions q (fresh per row; point masses mixed in) under the q-aware
+    rule: the first two emitted tokens have the base model's law, and a child drawn from q = p is
+    always accepted (where a point mass would be accepted with probability p(x) only)."""
+    tree = Tree(((0,), (1,), (0, 0), (0, 1), (1, 0)))
+    v, rows = 6, 60_000
+    rng = np.random.default_rng(7)
+    logits_nv = rng.normal(scale=1.5, size=(tree.num_nodes, v)).astype(np.float32)
+    policy = Sampler(temperature=0.8, top_k=5)
+    p_nv = np.asarray(jax.nn.softmax(policy.filtered_logits(jnp.asarray(logits_nv)), axis=-1), np.float64)
+    q_nv = rng.dirichlet(np.ones(v), size=tree.num_nodes)
+    q_nv[1] = p_nv[0]  # node 1 (first child of the root) drawn from the base's own law there
+    q_nv[4] = np.eye(v)[3]  # node 4: a point mass on token 3
+    draft_bn = np.stack([np.zeros(rows, np.int64)] + [rng.choice(v, rows, p=q_nv[i] / q_nv[i].sum())
+                                                      for i in range(1, tree.num_nodes)], axis=1).astype(np.int32)
+    verdict = verify_tree(tree, jnp.asarray(draft_bn), jnp.broadcast_to(logits_nv, (rows,) + logits_nv.shape),
+                          policy, jax.random.key(3), jnp.broadcast_to(jnp.asarray(q_nv, jnp.float32), (rows,) + q_nv.shape))
+    emitted = np.asarray(verdict.emitted(jnp.asarray(draft_bn)))
+    path = np.asarray(verdict.path_bd)
+
+    assert np.all(path[:, 1] == 1), "a child drawn from p itself was rejected"
+    check_law(emitted[:, 0], p_nv[0])
+    check_law(emitted[:, 1], p_nv[1])  # the token after node 1: node 3's, node 4's, or the bonus
 
 
 def test_typical_acceptance_accepts_plausible_drafts():

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decoding.sampling import Greedy, Policy
-from jaxaccel.decoding.speculative import merge_parts
-from jaxaccel.decoding.verify import verify_tree
+from jaxaccel.decoding.speculative import draft_and_verify, merge_parts
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,7 @@ class StepView:
 
 def _draft_and_verify(graphdef, params, module_graphdef, module_params, state, *, policy, drafter):
     model, module = merge_parts(graphdef, params, module_graphdef, module_params)
-    # What jaxaccel.decoding.speculative.spec_step does before it commits anything.
-    draft = drafter.draft(model, module, state.draft, state.root_b, state.cache)
-    positions_bn = state.cache.lengths[:, None] + draft.tree.depth_bn
-    out = model.forward(draft.tokens_bn, positions_bn, cache=state.cache, mask=draft.tree.mask_bnn)
-    verdict = verify_tree(draft.tree, draft.tokens_bn, out.logits, policy, jax.random.fold_in(state.key, state.step))
+    draft, out, verdict = draft_and_verify(model, module, state, policy=policy, drafter=drafter)
     return draft.tokens_bn, draft.tree, jnp.argmax(out.logits, axis=-1), verdict
 
 

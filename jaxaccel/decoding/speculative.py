@@ -8,6 +8,8 @@ ancestor mask) over the cache; `verify_tree` walks the tree (lossless at any tem
 emits the accepted drafts plus one token of the base model's; the cache keeps only the accepted
 path's K/V (`KVCache.keep`); the drafter commits what it needs of the verify pass. The loop
 never asks which drafter it runs. At temperature 0 the output is greedy decoding's, token for token.
+At temperature > 0 a drafter that can sample its drafts (the protocol's optional `sample_draft`)
+draws them from its own distribution, and the walk takes the q-aware rule.
 A drafter that learns across calls (the protocol's optional `carry`: Token Recycling's table) starts
 each call of a decoder from what the last one left it; `SpeculativeDecoder.reset()` forgets it.
 """
@@ -26,12 +28,12 @@ from flax import nnx, struct
 from jaxaccel.cache import KVCache
 from jaxaccel.decoding.prompts import pad_prompts
 from jaxaccel.decoding.result import DecodeResult, stop_id_array
-from jaxaccel.decoding.sampling import Greedy, Policy
+from jaxaccel.decoding.sampling import Greedy, Policy, Sampler
 from jaxaccel.decoding.tree import DynamicTree, Tree
 from jaxaccel.decoding.timing import decode_step_seconds
 from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
 from jaxaccel.drafters import Drafter, Prefill, Verified, make_drafter
-from jaxaccel.drafters.protocol import carries
+from jaxaccel.drafters.protocol import carries, samples_drafts
 from jaxaccel.model import Transformer, with_verify_head
 
 
@@ -70,13 +72,23 @@ def spec_prefill(graphdef, params, module_graphdef, module_params, cache: KVCach
     return SpecState(cache=out.cache, draft=draft, result=result, root_b=first_b, key=key, step=jnp.int32(1))
 
 
-def spec_step(model: Transformer, module, state: SpecState, stop_ids, *, policy, drafter) -> SpecState:
-    """Draft, verify, accept, commit: one base forward pass for every row."""
-    draft = drafter.draft(model, module, state.draft, state.root_b, state.cache)
+def draft_and_verify(model: Transformer, module, state: SpecState, *, policy, drafter):
+    """A step before it commits anything: the draft, the base's forward over its tree, the verdict."""
+    key = jax.random.fold_in(state.key, state.step)
+    if isinstance(policy, Sampler) and samples_drafts(drafter):  # drafts drawn from q: the q-aware rule
+        key, draft_key = jax.random.split(key)
+        draft = drafter.sample_draft(model, module, state.draft, state.root_b, state.cache, policy, draft_key)
+    else:
+        draft = drafter.draft(model, module, state.draft, state.root_b, state.cache)
     positions_bn = state.cache.lengths[:, None] + draft.tree.depth_bn
     out = model.forward(draft.tokens_bn, positions_bn, cache=state.cache, mask=draft.tree.mask_bnn,
                         capture=base_layers(drafter))
-    verdict = verify_tree(draft.tree, draft.tokens_bn, out.logits, policy, jax.random.fold_in(state.key, state.step))
+    return draft, out, verify_tree(draft.tree, draft.tokens_bn, out.logits, policy, key, draft.q_bnv)
+
+
+def spec_step(model: Transformer, module, state: SpecState, stop_ids, *, policy, drafter) -> SpecState:
+    """Draft, verify, accept, commit: one base forward pass for every row."""
+    draft, out, verdict = draft_and_verify(model, module, state, policy=policy, drafter=drafter)
     verified = Verified(draft=draft, hidden_bnd=out.hidden, logits_bnv=out.logits, verdict=verdict,
                         lengths_b=state.cache.lengths, captured_bnkd=out.captured)
     active_b = ~state.result.done_b

@@ -10,6 +10,12 @@ of p. The emitted tokens therefore follow the base model's (filtered) distributi
 whatever the drafts are. At temperature 0 p is one-hot, and this is "accept the child equal
 to the base's argmax" — the output equals greedy decoding token for token.
 
+Sampled drafts (a drafter that drew node i's token from a distribution q_i, given as `q_bnv`)
+take the q-aware rule of speculative sampling: with r the residual (p at first), x is accepted
+with probability min(1, r(x) / q_i(x)), and on rejection r becomes max(r - q_i, 0), renormalised.
+Each step outputs r's law whatever q_i is, so the walk stays lossless, and a point mass is the
+special case above; acceptance rises from p(x) towards sum(min(p, q)) as q nears p.
+
 `TypicalAcceptance` (Medusa) is the explicitly lossy alternative: a child is accepted when
 its base probability clears an entropy-dependent threshold.
 """
@@ -55,27 +61,36 @@ class TypicalAcceptance:
 
 
 def verify_tree(tree: Tree | TreeBatch, draft_bn: jax.Array, logits_bnv: jax.Array,
-                policy: Policy | TypicalAcceptance, key: jax.Array) -> Verdict:
+                policy: Policy | TypicalAcceptance, key: jax.Array, q_bnv: jax.Array | None = None) -> Verdict:
     """Accepts a path through the tree for each row. draft_bn[b, i] is node i's token (node 0 the
     root); `tree` is a static Tree or each row's own (TreeBatch); `policy` is the sampling policy
-    whose distribution the output must follow."""
+    whose distribution the output must follow. `q_bnv` (sampled drafts, T > 0 only): the
+    distribution over the full vocabulary each node's token was drawn from (a point-mass node's row
+    is one-hot; node 0's row is unused); None: every draft is a point mass."""
     if isinstance(tree, Tree):
         tree = tree.batch(draft_bn.shape[0])
     if isinstance(policy, TypicalAcceptance):
         return _typical(tree, draft_bn, logits_bnv, policy)
     if isinstance(policy, Greedy):
+        if q_bnv is not None:
+            raise ValueError("sampled drafts (q_bnv) are verified at temperature > 0 only")
         return _greedy(tree, draft_bn, logits_bnv)
     b, n, v = logits_bnv.shape
     probs_bnv = jax.nn.softmax(policy.filtered_logits(logits_bnv.reshape(b * n, v)), axis=-1).reshape(b, n, v)
     walk = functools.partial(_walk, tree.max_depth)
-    last_b, bonus_b = jax.vmap(walk)(tree.children_bnc, draft_bn, probs_bnv, row_keys(key, b))
+    if q_bnv is None:
+        last_b, bonus_b = jax.vmap(walk)(tree.children_bnc, draft_bn, probs_bnv, row_keys(key, b))
+    else:
+        last_b, bonus_b = jax.vmap(walk)(tree.children_bnc, draft_bn, probs_bnv, row_keys(key, b), q_bnv)
     return _verdict(tree, last_b, bonus_b)
 
 
-def _walk(depth: int, children_nc: jax.Array, draft_n: jax.Array, probs_nv: jax.Array, key: jax.Array):
+def _walk(depth: int, children_nc: jax.Array, draft_n: jax.Array, probs_nv: jax.Array, key: jax.Array,
+          q_nv: jax.Array | None = None):
     """One row's recursive rejection sampling down the tree -> (last accepted node, bonus token).
-    The residual distribution is kept unnormalised, its mass beside it, so that rejecting a child
-    is O(1) (zero its token, subtract its mass), not a pass over the vocabulary."""
+    The residual distribution is kept unnormalised, its mass beside it, so that rejecting a
+    point-mass child is O(1) (zero its token, subtract its mass), not a pass over the vocabulary;
+    rejecting a sampled child (q_nv given) subtracts mass * q from the residual."""
     width = children_nc.shape[1]
 
     def offer_child(carry, slot_and_depth):
@@ -86,10 +101,21 @@ def _walk(depth: int, children_nc: jax.Array, draft_n: jax.Array, probs_nv: jax.
         live = (child >= 0) & (chosen < 0) & ~stopped
         u = jax.random.uniform(jax.random.fold_in(key, depth * width + slot))
         p_token = residual_v[token]
-        accept = live & (u * mass < p_token)  # u < the normalised residual probability
-        reject = live & ~accept
-        residual_v = residual_v.at[token].set(jnp.where(reject, 0.0, p_token))
-        mass = jnp.where(reject, mass - p_token, mass)
+        if q_nv is None:
+            accept = live & (u * mass < p_token)  # u < the normalised residual probability
+            reject = live & ~accept
+            residual_v = residual_v.at[token].set(jnp.where(reject, 0.0, p_token))
+            mass = jnp.where(reject, mass - p_token, mass)
+        else:
+            q_v = q_nv[jnp.maximum(child, 0)]
+            accept = live & (u * mass * q_v[token] < p_token)  # u < r(x) / q(x), r normalised
+            reject = live & ~accept
+            left_v = jnp.maximum(residual_v - mass * q_v, 0.0)
+            # Rejection has probability 0 when q equals r; rounding can still reject, and then r
+            # (not an all-zero residual) stays what the bonus is drawn from.
+            reject &= jnp.sum(left_v) > 1e-6 * mass
+            residual_v = jnp.where(reject, left_v, residual_v)
+            mass = jnp.where(reject, jnp.sum(left_v), mass)
         return (jnp.where(accept, child, chosen), residual_v, mass, node, stopped), None
 
     def descend(carry, depth):

@@ -8,6 +8,7 @@ import numpy as np
 from flax import struct
 
 from jaxaccel.cache import KVCache
+from jaxaccel.decoding.sampling import greedy_tokens
 from jaxaccel.decoding.tree import Tree
 from jaxaccel.decoding.verify import Verdict
 
@@ -45,11 +46,23 @@ def at_last_accepted(x_bnd: jax.Array, verdict: Verdict, along_path: bool = Fals
     return jnp.take_along_axis(x_bnd, node_b[:, None, None], axis=1)[:, 0]
 
 
-def place_children(tree: Tree, draft_bn: jax.Array, depth: int, top_bpr: jax.Array, parents: np.ndarray):
-    """Writes the depth-`depth` nodes' tokens: the child of rank r under parents[p] takes top_bpr[:, p, r]."""
+def place_children(tree: Tree, draft_bn: jax.Array, depth: int, top_bpr: jax.Array, parents: np.ndarray,
+                   by_rank: bool = True):
+    """Writes the depth-`depth` nodes' entries: the child of rank r under parents[p] takes
+    top_bpr[:, p, r] (by_rank=False: top_bpr[:, p, 0], what every child of p shares)."""
     nodes = np.flatnonzero(tree.depth_n == depth)
     parent_pos = np.searchsorted(parents, tree.parent_n[nodes])
-    return draft_bn.at[:, nodes].set(top_bpr[:, parent_pos, tree.rank_n[nodes]])
+    return draft_bn.at[:, nodes].set(top_bpr[:, parent_pos, tree.rank_n[nodes] if by_rank else 0])
+
+
+def sample_children(logits_bnv: jax.Array, k: int, policy, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """([B, n, k] int32 tokens drawn independently from q, [B, n, V] q): q = softmax of `policy`'s
+    filtered logits, what sampled drafts are verified against."""
+    b, n, v = logits_bnv.shape
+    filtered_bnv = policy.filtered_logits(logits_bnv.reshape(b * n, v)).reshape(b, n, v)
+    gumbel_bnkv = jax.random.gumbel(key, (b, n, k, v), filtered_bnv.dtype)
+    tokens_bnk = greedy_tokens(filtered_bnv[:, :, None] + gumbel_bnkv)  # the Gumbel-max trick
+    return tokens_bnk, jax.nn.softmax(filtered_bnv, axis=-1)
 
 
 def root_only(tree: Tree, root_b: jax.Array) -> jax.Array:

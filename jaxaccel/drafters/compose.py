@@ -5,8 +5,11 @@ Node layout (per row, a TreeBatch): the heads' nodes first (their own indices), 
 drafter's nodes below the same root. The union is made a trie: a node of the second drafter whose
 path of tokens the heads already drafted hangs under that heads node instead (its duplicate stays
 in the tree, after its twin, so verification never accepts it: at T = 0 the earlier sibling wins,
-at T > 0 a rejected token has no mass left). So at T = 0 a step accepts as many tokens as the
+at T > 0 a rejected point mass has no mass left; after a sampled twin it is one more proposal,
+which the q-aware walk may accept, losslessly). So at T = 0 a step accepts as many tokens as the
 better of the two would have, and the loop still sees static shapes: N = N_heads + N_other - 1.
+With heads that sample their drafts (T > 0), so does the composite: the heads' part sampled, the
+other part's nodes point masses (one-hot rows of q).
 
 Both parts' commits read the union's `Verified` (node indices into the union, its hidden states,
 logits and path): every drafter's commit reads a verify pass through `verdict` and the draft's
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decoding.tree import TreeBatch
-from jaxaccel.drafters.protocol import Draft, Drafter, Prefill, Verified
+from jaxaccel.drafters.protocol import Draft, Drafter, Prefill, Verified, samples_drafts
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,20 @@ class Composite:
         return self.heads.start(base, module, prefill), self.other.start(base, None, prefill)
 
     def draft(self, base, module, state: tuple, root_b, cache) -> Draft:
-        heads = self.heads.draft(base, module, state[0], root_b, cache)
-        other = self.other.draft(base, None, state[1], root_b, cache)
+        return self.union(self.heads.draft(base, module, state[0], root_b, cache),
+                          self.other.draft(base, None, state[1], root_b, cache))
+
+    @property
+    def sample_draft(self):
+        """The optional capability, when the heads have it."""
+        return self._sample_draft if samples_drafts(self.heads) else None
+
+    def _sample_draft(self, base, module, state: tuple, root_b, cache, policy, key) -> Draft:
+        return self.union(self.heads.sample_draft(base, module, state[0], root_b, cache, policy, key),
+                          self.other.draft(base, None, state[1], root_b, cache))
+
+    def union(self, heads: Draft, other: Draft) -> Draft:
+        """One tree of both drafts (the module doc's layout)."""
         parent_bn = union_parents(heads, other)
         tokens_bn = jnp.concatenate([heads.tokens_bn, other.tokens_bn[:, 1:]], axis=1)
         layout = TreeBatch(parent_bn=parent_bn,
@@ -72,7 +87,11 @@ class Composite:
                            max_depth=self.tree.depth,
                            # A heads node's children: its own, plus (at worst) every other-part node.
                            max_children=heads.tree.max_children + other.tokens_bn.shape[1] - 1)
-        return Draft(tokens_bn, layout)
+        q_bnv = None
+        if heads.q_bnv is not None:
+            other_q_bnv = jax.nn.one_hot(other.tokens_bn[:, 1:], heads.q_bnv.shape[-1], dtype=heads.q_bnv.dtype)
+            q_bnv = jnp.concatenate([heads.q_bnv, other_q_bnv], axis=1)
+        return Draft(tokens_bn, layout, q_bnv)
 
     def commit(self, base, module, state: tuple, verified: Verified) -> tuple:
         return self.heads.commit(base, module, state[0], verified), self.other.commit(base, None, state[1], verified)

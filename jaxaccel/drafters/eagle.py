@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decoding.tree import DynamicTree, Tree, TreeBatch
-from jaxaccel.drafters.common import HeadsState, at_last_accepted, last_prompt_state, place_children, root_only, top_ranks
+from jaxaccel.drafters.common import (HeadsState, at_last_accepted, last_prompt_state, place_children, root_only,
+                                      sample_children, top_ranks)
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
 from jaxaccel.heads.eagle import EagleHeads
@@ -39,9 +40,18 @@ class EagleDrafter:
         return HeadsState(cache=cache, head_input_bd=last_prompt_state(prefill.hidden_bsd, lengths_b))
 
     def draft(self, base, heads, state: HeadsState, root_b: jax.Array, cache) -> Draft:
+        return self._draft(base, heads, state, root_b)
+
+    def sample_draft(self, base, heads, state: HeadsState, root_b: jax.Array, cache, policy, key) -> Draft:
+        """The same tree, each node's token drawn from the head's distribution after its parent
+        (at the policy's temperature and filters; siblings independently)."""
+        return self._draft(base, heads, state, root_b, policy, key)
+
+    def _draft(self, base, heads, state: HeadsState, root_b: jax.Array, policy=None, key=None) -> Draft:
         tree = self.tree
         b, d = state.head_input_bd.shape
         draft_bn = root_only(tree, root_b)
+        q_bnv = None
         predicted_bnd = jnp.zeros((b, 0, d), state.head_input_bd.dtype)
         for k in range(tree.depth):
             n = int(np.sum(tree.depth_n <= k))  # nodes are sorted by depth: entries 0 .. n-1
@@ -50,13 +60,25 @@ class EagleDrafter:
             predicted_bnd, _ = heads.features(base, feats_bnd, draft_bn[:, :n], positions_bn, cache=state.cache,
                                               mask=tree.mask_nn[:n, :n])
             parents = tree.parents_at(k)
-            top_bpr = self.top_tokens(base, heads, predicted_bnd[:, parents], tree.max_rank)
+            if policy is None:
+                top_bpr = self.top_tokens(base, heads, predicted_bnd[:, parents], tree.max_rank)
+            else:
+                top_bpr, q_bpv = self.sampled_tokens(base, heads, predicted_bnd[:, parents], tree.max_rank, policy,
+                                                     jax.random.fold_in(key, k))
+                if q_bnv is None:
+                    q_bnv = jnp.zeros((b, tree.num_nodes, q_bpv.shape[-1]), q_bpv.dtype)
+                q_bnv = place_children(tree, q_bnv, k + 1, q_bpv[:, :, None], parents, by_rank=False)
             draft_bn = place_children(tree, draft_bn, k + 1, top_bpr, parents)
-        return Draft(draft_bn, tree.batch(b))
+        return Draft(draft_bn, tree.batch(b), q_bnv)
 
     def top_tokens(self, base, heads, states_bnd: jax.Array, max_rank: int) -> jax.Array:
         """[B, n, max_rank] the best draft tokens after each state (through the base's LM head)."""
         return top_ranks(base.logits(states_bnd), max_rank)
+
+    def sampled_tokens(self, base, heads, states_bnd: jax.Array, max_rank: int, policy, key):
+        """([B, n, max_rank] tokens drawn independently from q after each state, [B, n, V] q): q is
+        the head's distribution (through the base's LM head) at `policy`'s temperature and filters."""
+        return sample_children(base.logits(states_bnd), max_rank, policy, key)
 
     def commit(self, base, heads, state: HeadsState, verified: Verified) -> HeadsState:
         # Entry j (position L-1+j) fuses the base feature at L-1+j with the accepted token at L+j.
@@ -78,6 +100,7 @@ class DynamicEagleDrafter(EagleDrafter):
     breaks ties towards the lower index, never keeps a child without its parent."""
 
     tree: DynamicTree
+    sample_draft = None  # the tree grows by draft score: its drafts are point masses
 
     def draft(self, base, heads, state: HeadsState, root_b: jax.Array, cache) -> Draft:
         k, depth = self.tree.topk, self.tree.depth

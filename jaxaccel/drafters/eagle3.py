@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaccel.decoding.tree import DynamicTree, Tree
-from jaxaccel.drafters.common import HeadsState, at_last_accepted, last_prompt_state, top_ranks
+from jaxaccel.drafters.common import HeadsState, at_last_accepted, last_prompt_state, sample_children, top_ranks
 from jaxaccel.drafters.eagle import DynamicEagleDrafter, EagleDrafter
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
@@ -48,6 +48,13 @@ class Eagle3Drafter(EagleDrafter):
         """Top ranks over the trimmed LM head, mapped back to target token ids through d2t."""
         return heads.d2t[...][top_ranks(heads.draft_logits(states_bnd), max_rank)]
 
+    def sampled_tokens(self, base, heads, states_bnd: jax.Array, max_rank: int, policy, key):
+        """Drawn over the trimmed LM head (q is 0 outside the draft vocabulary), mapped through d2t."""
+        d2t = heads.d2t[...]
+        tokens_bnk, q_bnn = sample_children(heads.draft_logits(states_bnd), max_rank, policy, key)
+        q_bnv = jnp.zeros(q_bnn.shape[:-1] + (heads.vocab_size,), q_bnn.dtype).at[..., d2t].set(q_bnn)
+        return d2t[tokens_bnk], q_bnv
+
     def commit(self, base, heads, state: HeadsState, verified: Verified) -> HeadsState:
         # Entry j (position L-1+j) combines the fused feature at L-1+j with the accepted token at L+j.
         verdict, draft_bn = verified.verdict, verified.draft.tokens_bn
@@ -75,6 +82,7 @@ class DynamicEagle3Drafter(Eagle3Drafter):
     vocabulary picks draft-vocabulary tokens only (k <= N)."""
 
     tree: DynamicTree = None
+    sample_draft = None  # the tree grows by draft score: its drafts are point masses
 
     def draft(self, base, heads, state: HeadsState, root_b: jax.Array, cache) -> Draft:
         if self.tree.topk > heads.draft_vocab_size:

@@ -27,17 +27,26 @@ to the next):
                                               pytree of fixed shapes without a batch axis)
     start(base, module, prefill, carried)     the next call's start, from it
 
+Optional, the capability to sample drafts (used at temperature > 0 in place of `draft`):
+
+    sample_draft(base, module, state, root_b, cache, policy, key) -> Draft
+                                              each node's token drawn from a distribution q
+                                              (the drafter's own at the policy's temperature and
+                                              filters), returned in Draft.q_bnv; verification
+                                              then takes the q-aware rule, lossless for any q
+
 A SpeculativeDecoder holds the carried pytree between its calls (`reset()` drops it); `carried`
 always has the same shapes, so a carried call compiles nothing new. What is carried changes the
 drafts, never the output (a draft is lossless whatever it proposes).
 
 `state` is any pytree the drafter chooses (a heads cache, a token buffer, a table); it must keep
 its shapes from step to step. The loop splits `module` off the drafter once and hands it back,
-merged, to every method: a drafter's own fields are static, its parameters never are. Drafts are
-point masses (one token per node): verification's recursive rejection sampling accepts a draft
-token x with probability p(x) and otherwise samples from p without x, which is lossless for any
-deterministic draft (see jaxaccel.decoding.verify). A drafter that samples its drafts from a
-distribution q would need q in `Draft` and the q-aware rule; none does yet.
+merged, to every method: a drafter's own fields are static, its parameters never are. `draft`'s
+drafts are point masses (one token per node): verification's recursive rejection sampling
+accepts a draft token x with probability p(x) and otherwise samples from p without x, which is
+lossless for any deterministic draft. `sample_draft`'s are drawn from q: x is accepted with
+probability min(1, p(x) / q(x)), and acceptance approaches sum(min(p, q)) instead of p(top-1)
+(see jaxaccel.decoding.verify).
 """
 
 from __future__ import annotations
@@ -57,6 +66,9 @@ class Draft:
     and each row's tree shape (the static tree broadcast, or each row's own)."""
     tokens_bn: jax.Array  # [B, N] int32
     tree: TreeBatch
+    # [B, N, V] sampled drafts only: the distribution node i's token was drawn from, over the full
+    # vocabulary (a point-mass node's row one-hot; row 0 unused); None: every node a point mass
+    q_bnv: jax.Array | None = None
 
 
 @struct.dataclass
@@ -97,6 +109,11 @@ class Drafter(Protocol):
     def draft(self, base, module, state: Any, root_b: jax.Array, cache: Any) -> Draft: ...
 
     def commit(self, base, module, state: Any, verified: Verified) -> Any: ...
+
+
+def samples_drafts(drafter) -> bool:
+    """Whether the drafter can sample its drafts (the optional `sample_draft` capability)."""
+    return callable(getattr(drafter, "sample_draft", None))
 
 
 def carries(drafter) -> bool:
