@@ -61,8 +61,9 @@ def questions(args, model_dir):
 
 
 def agreement(model, heads, sequences):
-    """Per sequence (prompt ids, answer ids): hits [depth, answer positions] of the head's top-1, and
-    the base's own top-1 probability where depth 1 drafts (how predictable the text is to the base)."""
+    """Per sequence (prompt ids, answer ids): hits [depth, answer positions] of the head's top-1, the
+    base's own top-1 probability where depth 1 drafts (how predictable the text is to the base), and
+    whether each token depth 1 drafts lies in the head's draft vocabulary (the most it could hit)."""
     graphdef, state = nnx.split(model)
     heads_graphdef, heads_state = nnx.split(heads)
     capture, depth = tuple(heads.capture), heads.config.num_heads
@@ -75,6 +76,7 @@ def agreement(model, heads, sequences):
         confidence_t = jnp.max(jax.nn.softmax(out.logits[0], axis=-1), axis=-1)  # the base's own top-1 probability
         return head.d2t[...][jnp.argmax(logits, axis=-1)][:, 0], confidence_t  # [depth, T] target ids, [T]
 
+    d2t = np.asarray(heads.d2t[...])
     out = []
     for prompt, answer in sequences:
         tokens = np.array(prompt + answer, np.int32)
@@ -85,7 +87,7 @@ def agreement(model, heads, sequences):
         # step's root is the answer's first token.
         rows = np.arange(len(prompt) - 1, len(tokens) - 2)
         out.append(([drafted[k, rows[:len(rows) - k]] == tokens[rows[:len(rows) - k] + k + 2]
-                     for k in range(drafted.shape[0])], confidence[rows + 1]))
+                     for k in range(drafted.shape[0])], confidence[rows + 1], np.isin(tokens[rows + 2], d2t)))
     return out
 
 
@@ -122,26 +124,27 @@ def main(argv=None) -> int:
         if heads.config.kind != "eagle3":
             raise SystemExit(f"error: {heads_dir} holds {heads.config.kind} heads; this measures eagle3 heads")
         measured = agreement(model, heads, [(p, a) for (_, p), a in zip(items, answers)])
-        hits, confidence = [m[0] for m in measured], [m[1] for m in measured]
         groups = {}
-        for (category, _), h, c in zip(items, hits, confidence):
-            groups.setdefault(category, []).append((h, c))
-        spec_bench = [hc for (c, _), hc in zip(items, zip(hits, confidence)) if c != "heldout training prompts"]
+        for (category, _), m in zip(items, measured):
+            groups.setdefault(category, []).append(m)
+        spec_bench = [m for (c, _), m in zip(items, measured) if c != "heldout training prompts"]
         groups = {"Spec-Bench overall": spec_bench, **groups}
         rows = []
-        for category, hcs in groups.items():
-            hs = [h for h, _ in hcs]
+        for category, ms in groups.items():
+            hs = [h for h, _, _ in ms]
             depth = [float(np.mean(np.concatenate([h[k] for h in hs]))) for k in range(len(hs[0]))]
             chain = float(np.mean([chain_accepted(h[0]) for h in hs]))
-            base = float(np.mean(np.concatenate([c for _, c in hcs])))
+            base = float(np.mean(np.concatenate([c for _, c, _ in ms])))
+            covered = float(np.mean(np.concatenate([v for _, _, v in ms])))
             rows.append({"category": category, "sequences": len(hs), "top1_by_depth": depth, "chain2_accepted": chain,
-                         "base_top1_probability": base})
+                         "base_top1_probability": base, "draft_vocab_coverage": covered})
         report["heads"].append({"heads": str(heads_dir), "rows": rows})
-        print(f"\n{heads_dir}\n\n| questions | n | base's top-1 probability | top-1 depth 1 | depth 2 | depth 3 "
-              "| 2-node chain accepts |\n|---|---:|---:|---:|---:|---:|---:|")
+        print(f"\n{heads_dir}\n\n| questions | n | base's top-1 probability | in draft vocabulary | top-1 depth 1 "
+              "| depth 2 | depth 3 | 2-node chain accepts |\n|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             d = r["top1_by_depth"]
-            print(f"| {r['category']} | {r['sequences']} | {r['base_top1_probability']:.2f} | {d[0]:.2f} | {d[1]:.2f} | "
+            print(f"| {r['category']} | {r['sequences']} | {r['base_top1_probability']:.2f} | "
+                  f"{r['draft_vocab_coverage']:.2f} | {d[0]:.2f} | {d[1]:.2f} | "
                   f"{d[2]:.2f} | {r['chain2_accepted']:.2f} |")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
