@@ -111,11 +111,12 @@ def _walk(depth: int, children_nc: jax.Array, draft_n: jax.Array, probs_nv: jax.
             accept = live & (u * mass * q_v[token] < p_token)  # u < r(x) / q(x), r normalised
             reject = live & ~accept
             left_v = jnp.maximum(residual_v - mass * q_v, 0.0)
+            left_mass = jnp.sum(left_v)
             # Rejection has probability 0 when q equals r; rounding can still reject, and then r
             # (not an all-zero residual) stays what the bonus is drawn from.
-            reject &= jnp.sum(left_v) > 1e-6 * mass
+            reject &= left_mass > 1e-6 * mass
             residual_v = jnp.where(reject, left_v, residual_v)
-            mass = jnp.where(reject, jnp.sum(left_v), mass)
+            mass = jnp.where(reject, left_mass, mass)
         return (jnp.where(accept, child, chosen), residual_v, mass, node, stopped), None
 
     def descend(carry, depth):

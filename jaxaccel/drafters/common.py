@@ -8,7 +8,7 @@ import numpy as np
 from flax import struct
 
 from jaxaccel.cache import KVCache
-from jaxaccel.decoding.sampling import greedy_tokens
+from jaxaccel.decoding.sampling import categorical_tokens
 from jaxaccel.decoding.tree import Tree
 from jaxaccel.decoding.verify import Verdict
 
@@ -60,8 +60,7 @@ def sample_children(logits_bnv: jax.Array, k: int, policy, key: jax.Array) -> tu
     filtered logits, what sampled drafts are verified against."""
     b, n, v = logits_bnv.shape
     filtered_bnv = policy.filtered_logits(logits_bnv.reshape(b * n, v)).reshape(b, n, v)
-    gumbel_bnkv = jax.random.gumbel(key, (b, n, k, v), filtered_bnv.dtype)
-    tokens_bnk = greedy_tokens(filtered_bnv[:, :, None] + gumbel_bnkv)  # the Gumbel-max trick
+    tokens_bnk = categorical_tokens(key, jnp.broadcast_to(filtered_bnv[:, :, None], (b, n, k, v)))
     return tokens_bnk, jax.nn.softmax(filtered_bnv, axis=-1)
 
 
