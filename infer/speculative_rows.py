@@ -75,7 +75,8 @@ def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
     would be in infer.generate)."""
     from jaxaccel.decoding import AutoregressiveDecoder
     from jaxaccel.decoding.speculative import SpeculativeDecoder
-    from jaxaccel.drafters import get_record, make_drafter, parse_spec
+    from jaxaccel.drafters import get_record, make_drafter
+    from jaxaccel.drafters.registry import composes
     from jaxaccel.heads import load_heads
     from jaxaccel.pretrained.shipped_heads import resolve_heads
 
@@ -103,7 +104,7 @@ def make_decoders(model, model_dir: Path, heads_dirs: list[Path], tree_specs,
     static_specs = [t for t in tree_specs if not (t or "").startswith("dynamic")] or [None]
     for spec in drafter_specs:
         add(spec, make_drafter(spec, model_dir=model_dir), {"drafter": spec, "tree": "default"})
-        for heads_dir, heads in loaded.items() if get_record(parse_spec(spec)[0]).composes else ():
+        for heads_dir, heads in loaded.items() if composes(spec) else ():
             for tree_spec in static_specs:  # the heads' tree and the drafter's branches, verified together
                 kind = heads.config.kind if len(static_specs) == 1 else f"{heads.config.kind} ({tree_spec or 'default'})"
                 name = f"{kind}+{spec}"

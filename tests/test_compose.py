@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import test_drafters_cli
 from flax import nnx
-from test_drafters import CONFIG, STOP
+from test_drafters import CONFIG, STOP, rest_corpus  # noqa: F401 (a fixture: REST's corpus for this base)
 from test_layerskip import looping_model, same_law_pvalue
 
 from jaxaccel.decoding import AutoregressiveDecoder, Sampler
@@ -45,10 +45,11 @@ def prompts(base):
 
 
 @pytest.mark.parametrize("kind,spec,tree", [("eagle", "pld:branches=2", DynamicTree(topk=3, depth=4, num_nodes=10)),
-                                            ("hydra", "layerskip:skip=1,depth=3", None)])
-def test_heads_with_a_lookup_equal_greedy(base, prompts, kind, spec, tree):
+                                            ("hydra", "layerskip:skip=1,depth=3", None),
+                                            ("eagle", "rest:corpus={corpus},depth=3+pld:depth=2", Tree.chain(2))])
+def test_heads_with_a_lookup_equal_greedy(base, prompts, rest_corpus, kind, spec, tree):
     want = AutoregressiveDecoder(base).generate(prompts, max_new_tokens=30, stop_tokens=[STOP])
-    drafter = make_drafter(spec, heads=heads_for(base, kind), tree=tree)
+    drafter = make_drafter(spec.format(corpus=rest_corpus), heads=heads_for(base, kind), tree=tree)
     assert isinstance(drafter, Composite)
     got = SpeculativeDecoder(base, drafter).generate(prompts, max_new_tokens=30, stop_tokens=[STOP])
     assert got.sequences() == want.sequences()

@@ -1,7 +1,9 @@
-"""Training-free drafters through the one protocol: prompt lookup, Token Recycling, and a toy
-drafter added here with one record. Each is greedy decoding at T = 0 and the base's law at T = 1."""
+"""Training-free drafters through the one protocol: prompt lookup, REST, Token Recycling, lookahead,
+and a toy drafter added here with one record. Each is greedy decoding at T = 0 and the base's law
+at T = 1."""
 
 import collections
+import json
 from dataclasses import dataclass, field
 
 import jax
@@ -38,6 +40,18 @@ def prompts(base):
     heads = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 11, 3, 8, 1)]
     more = AutoregressiveDecoder(base).generate(heads, max_new_tokens=12).sequences()
     return [h + m[:k] for h, m, k in zip(heads, more, (12, 0, 6, 9, 12))]
+
+
+@pytest.fixture(scope="module")
+def rest_corpus(base, tmp_path_factory):
+    """REST's datastore text: the base's own greedy answers to other random prompts, as
+    train.responses writes them."""
+    rng = np.random.default_rng(1)
+    heads = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in rng.integers(1, 10, 32)]
+    answers = AutoregressiveDecoder(base).generate(heads, max_new_tokens=40).sequences()
+    path = tmp_path_factory.mktemp("rest") / "shard-00000.jsonl"
+    path.write_text("".join(json.dumps({"prompt_ids": h, "response_ids": a}) + "\n" for h, a in zip(heads, answers)))
+    return path.parent
 
 
 @struct.dataclass
@@ -83,11 +97,13 @@ def test_a_drafter_is_one_record(base, prompts, monkeypatch):
     assert got.sequences() == want.sequences()
 
 
-@pytest.mark.parametrize("spec", ["pld", "pld:branches=3,depth=4,max_ngram=2", "recycling", "lookahead",
-                                  "lookahead:window=2,ngram=3,candidates=3"])
-def test_training_free_drafters_equal_greedy(base, prompts, spec):
+@pytest.mark.parametrize("spec", ["pld", "pld:branches=3,depth=4,max_ngram=2", "rest:corpus={corpus},depth=3",
+                                  "rest:corpus={corpus},branches=2,max_ngram=2+pld:depth=2", "recycling",
+                                  "lookahead", "lookahead:window=2,ngram=3,candidates=3"])
+def test_training_free_drafters_equal_greedy(base, prompts, rest_corpus, spec):
     want = AutoregressiveDecoder(base).generate(prompts, max_new_tokens=40, stop_tokens=[STOP])
-    got = SpeculativeDecoder(base, make_drafter(spec)).generate(prompts, max_new_tokens=40, stop_tokens=[STOP])
+    drafter = make_drafter(spec.format(corpus=rest_corpus))
+    got = SpeculativeDecoder(base, drafter).generate(prompts, max_new_tokens=40, stop_tokens=[STOP])
     assert got.sequences() == want.sequences()
     assert any(s[-1] == STOP and len(s) < 40 for s in want.sequences()), "no row stopped on its stop token"
     assert got.mean_accepted_tokens() > 1.5, got.num_steps_b  # drafts were accepted
@@ -112,15 +128,17 @@ def sampled(base, prompts):
     return collections.Counter(first_tokens(ar, SAMPLED_TOKENS)), collections.Counter(first_tokens(other, SAMPLED_TOKENS))
 
 
-@pytest.mark.parametrize("spec", ["pld:branches=4,depth=3", "recycling", "lookahead"])
-def test_sampling_follows_the_base_distribution(base, prompts, sampled, spec):
+@pytest.mark.parametrize("spec", ["pld:branches=4,depth=3", "rest:corpus={corpus},branches=2,depth=3", "recycling",
+                                  "lookahead"])
+def test_sampling_follows_the_base_distribution(base, prompts, sampled, rest_corpus, spec):
     """Two-sample test at T = 1: the first 4 tokens of speculative and autoregressive sampling
     have the same joint law (deterministic drafts are point masses to the verifier). Top-4
     filtering: this random base is near-uniform over 50 tokens, which would leave no draft accepted."""
     policy = Sampler(temperature=1.0, top_k=4)
     rows, k = SAMPLED_ROWS, SAMPLED_TOKENS
     batch = [prompts[0]] * rows
-    spec_result = SpeculativeDecoder(base, make_drafter(spec)).generate(batch, policy=policy, max_new_tokens=k, seed=2)
+    drafter = make_drafter(spec.format(corpus=rest_corpus))
+    spec_result = SpeculativeDecoder(base, drafter).generate(batch, policy=policy, max_new_tokens=k, seed=2)
     # The test exercises acceptance: 0.05 more tokens per pass over ~9000 passes is hundreds of drafts.
     assert spec_result.mean_accepted_tokens() > 1.05, spec_result.mean_accepted_tokens()
     a, o = sampled

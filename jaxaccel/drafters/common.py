@@ -1,4 +1,4 @@
-"""Pieces the trained-heads drafters share: their state and the rank-tree helpers."""
+"""Pieces the drafters share: the heads' state, the rank-tree helpers, chains of drafted tokens."""
 
 from __future__ import annotations
 
@@ -67,3 +67,14 @@ def sample_children(logits_bnv: jax.Array, k: int, policy, key: jax.Array) -> tu
 def root_only(tree: Tree, root_b: jax.Array) -> jax.Array:
     """[B, N] int32: the root's token at node 0, zeros elsewhere."""
     return jnp.zeros((root_b.shape[0], tree.num_nodes), jnp.int32).at[:, 0].set(root_b)
+
+
+def chains(branches: int, depth: int) -> Tree:
+    """`branches` chains of `depth` nodes below the root (prompt lookup's and REST's trees)."""
+    return Tree(tuple((r,) + (0,) * (d - 1) for r in range(branches) for d in range(1, depth + 1)))
+
+
+def chain_index(branches: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(branch, level) of every non-root node of `chains` in node order."""
+    paths = chains(branches, depth).paths
+    return np.array([p[0] for p in paths]), np.array([len(p) - 1 for p in paths])

@@ -1,5 +1,6 @@
-"""Two drafters in one tree: trained heads and a training-free drafter (prompt lookup, layer
-skipping), verified in one pass over the union of their trees.
+"""Two drafters in one tree: trained heads (or a training-free drafter, or another composite) and
+a training-free drafter (prompt lookup, REST, layer skipping), verified in one pass over the union
+of their trees. Parts that carry state across calls (REST's datastore) carry it as a pair.
 
 Node layout (per row, a TreeBatch): the heads' nodes first (their own indices), then the other
 drafter's nodes below the same root. The union is made a trie: a node of the second drafter whose
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decoding.tree import TreeBatch
-from jaxaccel.drafters.protocol import Draft, Drafter, Prefill, Verified, samples_drafts
+from jaxaccel.drafters.protocol import Draft, Drafter, Prefill, Verified, carries, samples_drafts
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,25 @@ class Composite:
         return UnionTree(num_nodes=self.heads.tree.num_nodes + self.other.tree.num_nodes - 1,
                          depth=max(self.heads.tree.depth, self.other.tree.depth))
 
-    def start(self, base, module, prefill: Prefill) -> tuple:
-        return self.heads.start(base, module, prefill), self.other.start(base, None, prefill)
+    def start(self, base, module, prefill: Prefill, carried: tuple | None = None) -> tuple:
+        carried = carried or (None, None)
+        return _start(self.heads, base, module, prefill, carried[0]), _start(self.other, base, None, prefill, carried[1])
+
+    @property
+    def empty_carry(self):
+        """The optional capability, when a part carries something across calls (a pair, None for
+        a part that does not)."""
+        if not (carries(self.heads) or carries(self.other)):
+            return None
+        return lambda base: tuple(part.empty_carry(base) if carries(part) else None
+                                  for part in (self.heads, self.other))
+
+    @property
+    def carry(self):
+        if not (carries(self.heads) or carries(self.other)):
+            return None
+        return lambda state: tuple(part.carry(s) if carries(part) else None
+                                   for part, s in zip((self.heads, self.other), state))
 
     def draft(self, base, module, state: tuple, root_b, cache) -> Draft:
         return self.union(self.heads.draft(base, module, state[0], root_b, cache),
@@ -95,6 +113,10 @@ class Composite:
 
     def commit(self, base, module, state: tuple, verified: Verified) -> tuple:
         return self.heads.commit(base, module, state[0], verified), self.other.commit(base, None, state[1], verified)
+
+
+def _start(drafter, base, module, prefill: Prefill, carried):
+    return drafter.start(base, module, prefill) if carried is None else drafter.start(base, module, prefill, carried)
 
 
 def union_parents(heads: Draft, other: Draft) -> jax.Array:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from jaxaccel.decoding.tree import Tree
+from jaxaccel.drafters.common import chain_index, chains
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
 
@@ -48,7 +48,7 @@ class PromptLookup:
     @property
     def tree(self) -> Tree:
         """`branches` chains of `depth` nodes below the root."""
-        return _chains(self.branches, self.depth)
+        return chains(self.branches, self.depth)
 
     def start(self, base, module, prefill: Prefill) -> LookupState:
         b, s = prefill.tokens_bs.shape
@@ -85,7 +85,7 @@ class PromptLookup:
         chain_brd = jnp.take_along_axis(tokens_bl[:, None, :], jnp.clip(slot_brd, 0, size - 1), axis=2)
         chain_brd = jnp.where(found_b[:, None, None] & (chain_brd >= 0), chain_brd, 0)
         tree = self.tree
-        branch_n, level_n = _chain_index(self.branches, self.depth)
+        branch_n, level_n = chain_index(self.branches, self.depth)
         tokens_bn = jnp.concatenate([root_b[:, None], chain_brd[:, branch_n, level_n]], axis=1).astype(jnp.int32)
         return Draft(tokens_bn, tree.batch(b))
 
@@ -96,16 +96,6 @@ class PromptLookup:
         slot_bd = jnp.where(offset_d < count_b[:, None], state.length_b[:, None] + offset_d, state.tokens_bl.shape[1])
         tokens_bl = state.tokens_bl.at[jnp.arange(b)[:, None], slot_bd].set(emitted_bd, mode="drop")
         return LookupState(tokens_bl=tokens_bl, length_b=state.length_b + count_b)
-
-
-def _chains(branches: int, depth: int) -> Tree:
-    return Tree(tuple((r,) + (0,) * (d - 1) for r in range(branches) for d in range(1, depth + 1)))
-
-
-def _chain_index(branches: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """(branch, level) of every non-root node of `_chains` in node order."""
-    paths = _chains(branches, depth).paths
-    return np.array([p[0] for p in paths]), np.array([len(p) - 1 for p in paths])
 
 
 def make(tree, module, **options) -> PromptLookup:

@@ -19,8 +19,8 @@ A drafter is a frozen, hashable object (a static `jit` argument) with
                                               never its own tree's layout: composed with heads
                                               (jaxaccel.drafters.compose) it gets the union's pass
 
-Optional, the capability to learn across calls (Token Recycling keeps its table from one query
-to the next):
+Optional, the capability to carry state across calls (Token Recycling keeps its table from one
+query to the next; REST's datastore arrives this way, as arrays rather than constants):
 
     empty_carry(base) -> carried              what a decoder's first call starts from
     carry(state) -> carried                   after a call: what the next call starts from (a
@@ -117,5 +117,5 @@ def samples_drafts(drafter) -> bool:
 
 
 def carries(drafter) -> bool:
-    """Whether the drafter learns across calls (the optional `carry` capability)."""
-    return hasattr(drafter, "carry")
+    """Whether the drafter carries state across calls (the optional `carry` capability)."""
+    return callable(getattr(drafter, "carry", None))

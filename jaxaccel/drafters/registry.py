@@ -4,7 +4,7 @@
     make_drafter("pld:depth=6,branches=2")       NAME:key=value,... (the CLIs' --drafter)
     make_drafter(heads=heads, tree=tree)         trained heads: their kind's record
     make_drafter("pld", heads=heads)             both in one tree (a record with `composes`)
-    make_drafter("pld", heads=heads)             both in one tree (a record with `composes`)
+    make_drafter("rest+pld:depth=2")             training-free drafters in one tree (each `composes`)
     SpeculativeDecoder(model, drafter)
 
 Adding a drafter is one new file plus one record:
@@ -19,13 +19,13 @@ The loop, the CLIs (--drafter NAME:options), `python -m infer.drafters`, `make_h
 
 from __future__ import annotations
 
-from jaxaccel.drafters import eagle, eagle3, hydra, layerskip, lookahead, medusa, pld, recycling
+from jaxaccel.drafters import eagle, eagle3, hydra, layerskip, lookahead, medusa, pld, recycling, rest
 from jaxaccel.drafters.protocol import Drafter
 from jaxaccel.drafters.record import DrafterRecord
 
 RECORDS: dict[str, DrafterRecord] = {r.name: r for r in (medusa.RECORD, hydra.RECORD, eagle.RECORD, eagle3.RECORD,
-                                                         pld.RECORD, recycling.RECORD, layerskip.RECORD,
-                                                         lookahead.RECORD)}
+                                                         pld.RECORD, rest.RECORD, recycling.RECORD,
+                                                         layerskip.RECORD, lookahead.RECORD)}
 
 
 def register(record: DrafterRecord) -> DrafterRecord:
@@ -67,13 +67,32 @@ def _number(text: str) -> int | float | str:
     return text
 
 
+def composes(spec: str) -> bool:
+    """Whether `spec` ('NAME[:options]', or several joined by '+') adds its branches to heads' trees."""
+    return all(get_record(parse_spec(part)[0]).composes for part in spec.split("+"))
+
+
 def make_drafter(spec: str | None = None, *, heads=None, tree=None, model_dir=None) -> Drafter:
     """The drafter of `spec` ('NAME[:options]'), of trained `heads` (their kind's record), or both:
     the heads' own kind, or a training-free drafter that composes with them (one tree, the heads'
-    `tree` plus its branches; jaxaccel.drafters.compose). `tree` overrides the heads' (or the
-    record's) default tree; `model_dir`: where options a search recorded for this model live."""
+    `tree` plus its branches; jaxaccel.drafters.compose). `spec` may join training-free drafters
+    that compose with '+' ('rest+pld:depth=2'): one tree of all. `tree` overrides the heads' (or
+    the record's) default tree; `model_dir`: where options a search recorded for this model live."""
     if spec is None and heads is None:
         raise ValueError("make_drafter needs a drafter name or trained heads")
+    if spec is not None and "+" in spec:
+        from jaxaccel.drafters.compose import Composite
+
+        parts = spec.split("+")
+        if tree is not None and heads is None:
+            raise ValueError(f"--drafter {spec} lays out its own tree (each part's options), not --tree")
+        if not composes(spec):
+            raise ValueError(f"--drafter {spec}: only drafters that compose join with '+' (these do: "
+                             f"{', '.join(r.name for r in RECORDS.values() if r.composes)})")
+        joined = make_drafter(parts[0], model_dir=model_dir)
+        for part in parts[1:]:
+            joined = Composite.of(joined, make_drafter(part, model_dir=model_dir))
+        return joined if heads is None else Composite.of(make_drafter(heads=heads, tree=tree), joined)
     name, options = parse_spec(spec) if spec is not None else (heads.config.kind, {})
     record = get_record(name)
     if record.recorded_options is not None:
