@@ -4,9 +4,10 @@ decoding at T = 0, the base's law at T = 1, and each step accepts what the bette
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_drafters
 import test_drafters_cli
 from flax import nnx
-from test_drafters import CONFIG, STOP, rest_corpus  # noqa: F401 (a fixture: REST's corpus for this base)
+from test_drafters import CONFIG, STOP
 from test_layerskip import looping_model, same_law_pvalue
 
 from jaxaccel.decoding import AutoregressiveDecoder, Sampler
@@ -21,6 +22,7 @@ from jaxaccel import load_hf
 from jaxaccel.heads import HeadsConfig, make_heads, save_heads
 
 model_dir = test_drafters_cli.model_dir  # the CLI tests' small model directory (a fixture)
+rest_corpus = test_drafters.rest_corpus  # REST's corpus: this base's own answers (a fixture)
 
 @pytest.fixture(scope="module")
 def base():

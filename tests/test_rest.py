@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxaccel.drafters import make_drafter
-from jaxaccel.drafters.registry import composes
+from jaxaccel.drafters.registry import composes, split_spec
 from jaxaccel.drafters.rest import Rest, recorded_options
 from jaxaccel.drafters.rest_store import NO_TOKEN, build_store, lookup, read_corpus
 
@@ -95,6 +95,8 @@ def test_drafter_finds_the_committed_answers_and_names_bad_corpora(tmp_path, mon
 
 
 def test_specs_join_training_free_drafters():
+    assert split_spec("rest:corpus=a,depth=3+pld:depth=2") == ["rest:corpus=a,depth=3", "pld:depth=2"]
+    assert split_spec("layerskip:skip=1+2,depth=4+pld") == ["layerskip:skip=1+2,depth=4", "pld"]  # a value's '+'
     assert composes("rest+pld:depth=2") and not composes("rest+recycling")
     drafter = make_drafter("rest:corpus=x,depth=3+pld:depth=2")
     assert drafter.tree.num_nodes == 1 + 3 + 2 and drafter.tree.depth == 3

@@ -19,6 +19,8 @@ The loop, the CLIs (--drafter NAME:options), `python -m infer.drafters`, `make_h
 
 from __future__ import annotations
 
+import re
+
 from jaxaccel.drafters import eagle, eagle3, hydra, layerskip, lookahead, medusa, pld, recycling, rest
 from jaxaccel.drafters.protocol import Drafter
 from jaxaccel.drafters.record import DrafterRecord
@@ -67,9 +69,23 @@ def _number(text: str) -> int | float | str:
     return text
 
 
+def split_spec(spec: str) -> list[str]:
+    """'rest+pld:depth=2' -> ['rest', 'pld:depth=2']: a '+' joins drafters only where a known
+    drafter's name follows it ('layerskip:skip=1+2' is one drafter)."""
+    pieces = spec.split("+")
+    parts = [pieces[0]]
+    for piece in pieces[1:]:
+        name = re.match(r"[A-Za-z_]\w*(?=:|$)", piece)
+        if name and name.group() in RECORDS:
+            parts.append(piece)
+        else:
+            parts[-1] += "+" + piece
+    return parts
+
+
 def composes(spec: str) -> bool:
     """Whether `spec` ('NAME[:options]', or several joined by '+') adds its branches to heads' trees."""
-    return all(get_record(parse_spec(part)[0]).composes for part in spec.split("+"))
+    return all(get_record(parse_spec(part)[0]).composes for part in split_spec(spec))
 
 
 def make_drafter(spec: str | None = None, *, heads=None, tree=None, model_dir=None) -> Drafter:
@@ -80,10 +96,10 @@ def make_drafter(spec: str | None = None, *, heads=None, tree=None, model_dir=No
     the record's) default tree; `model_dir`: where options a search recorded for this model live."""
     if spec is None and heads is None:
         raise ValueError("make_drafter needs a drafter name or trained heads")
-    if spec is not None and "+" in spec:
+    if spec is not None and len(split_spec(spec)) > 1:
         from jaxaccel.drafters.compose import Composite
 
-        parts = spec.split("+")
+        parts = split_spec(spec)
         if tree is not None and heads is None:
             raise ValueError(f"--drafter {spec} lays out its own tree (each part's options), not --tree")
         if not composes(spec):
