@@ -192,6 +192,7 @@ def main(argv=None) -> int:
         return speculative_main(args)
 
     import jax
+    from flax import nnx
 
     from jaxaccel.decoding import AutoregressiveDecoder
     from jaxaccel.decoding.timing import time_decode, weight_streaming_floor
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
         except (ModelDirectoryError, ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        floor = weight_streaming_floor(decoder.params)
+        floor = weight_streaming_floor(nnx.state(model, nnx.Param))  # the weights, not their decode-time copies
         hf = None
         if not args.skip_transformers:
             if args.torch_threads:

@@ -22,7 +22,7 @@ from jaxaccel.cache import KVCache
 from jaxaccel.decoding.prompts import bucket_length
 from jaxaccel.decoding.sampling import greedy_tokens
 from jaxaccel.decoding.timing import loop_step_seconds
-from jaxaccel.model import with_verify_head
+from jaxaccel.model import decode_layout
 
 CHAIN_SIZES = (1, 2, 4, 8, 16)
 PROMPT_LEN = 128
@@ -55,7 +55,7 @@ class ForwardTimer:
 
     def __init__(self, model, prompt: list[int], repeats: int):
         self.config = model.config
-        self.graphdef, self.params = nnx.split(with_verify_head(model))  # as a SpeculativeDecoder's verify
+        self.graphdef, self.params = nnx.split(decode_layout(model))  # as a SpeculativeDecoder's verify
         self.prompt, self.repeats = prompt, repeats
 
     def seconds(self, n: int, cache_len: int) -> float:
@@ -86,7 +86,7 @@ def step_costs(model, model_dir: Path, prompt: list[int], *, heads_dirs=(), tree
     chain = {n: timer.seconds(n, chain_cache) for n in CHAIN_SIZES}
     decoders = make_decoders(model, model_dir, list(heads_dirs), list(tree_specs), list(drafter_specs))
     ar_step_s = decode_step_seconds(decoders["ar"][0], [prompt], steps=LOOP_STEPS)
-    floor = weight_streaming_floor(decoders["ar"][0].params)
+    floor = weight_streaming_floor(nnx.state(model, nnx.Param))  # the weights, not their decode-time copies
     spec = []
     for name, (decoder, info) in decoders.items():
         if name == "ar" or not hasattr(decoder, "step_seconds"):

@@ -12,6 +12,7 @@ Module names follow the Hugging Face checkpoints, so the weight key map (jaxacce
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import jax
@@ -21,9 +22,12 @@ from flax import nnx, struct
 
 from jaxaccel.cache import KVCache
 from jaxaccel.config import ModelConfig
+from jaxaccel.cpu_kernels.panel_matmul import MAX_ROWS as PANEL_MAX_ROWS
+from jaxaccel.cpu_kernels.panel_matmul import available as panel_kernel_available
+from jaxaccel.cpu_kernels.panel_matmul import pack_panels, packable, panel_matmul
 from jaxaccel.layers.attention_kinds import make_attention
 from jaxaccel.layers.context import ForwardContext
-from jaxaccel.layers.linear import INIT_STD, dense
+from jaxaccel.layers.linear import INIT_STD, Projection, dense
 from jaxaccel.layers.mlp import MLP
 from jaxaccel.layers.moe import MoE
 from jaxaccel.layers.norms import RMSNorm
@@ -98,7 +102,8 @@ class Transformer(nnx.Module):
         self.norm = make_norm(config)
         self.lm_head = None if config.tie_embeddings else dense(
             config, config.hidden_size, config.vocab_size, ("embed", "vocab"), False, rngs)
-        self.lm_table_dv = nnx.data(None)  # a decode-time copy of the tied table, see `with_verify_head`
+        self.lm_table_dv = nnx.data(None)  # decode-time copies of the tied table, see `decode_layout`
+        self.lm_panels = nnx.data(None)
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         """Training use: logits [B, S, V] of a full causal sequence."""
@@ -126,9 +131,12 @@ class Transformer(nnx.Module):
             # XLA:CPU fuses that transpose into a naive loop-emitted dot over the whole table
             # (every decode step) instead of calling its library matrix-vector product.
             embed = self.embed_tokens
-            if self.lm_table_dv is not None and hidden_bnd.shape[-2] > 1:
+            rows = math.prod(hidden_bnd.shape[:-1])
+            if self.lm_panels is not None and hidden_bnd.dtype == jnp.float32 and rows <= PANEL_MAX_ROWS:
+                out = panel_matmul(hidden_bnd, self.lm_panels[...])
+            elif self.lm_table_dv is not None and hidden_bnd.shape[-2] > 1:
                 hidden_bnd, table_dv = embed.promote_dtype((hidden_bnd, self.lm_table_dv[...]), dtype=embed.dtype)
-                out = hidden_bnd @ table_dv  # several tokens a row: see `with_verify_head`
+                out = hidden_bnd @ table_dv  # several tokens a row: see `decode_layout`
             else:
                 hidden_bnd, table_vd = embed.promote_dtype((hidden_bnd, embed.embedding[...]), dtype=embed.dtype)
                 out = jnp.einsum("...d,vd->...v", hidden_bnd, table_vd)
@@ -149,26 +157,52 @@ class DecodeCopy(nnx.Variable):
     """A weight copied into another layout for decoding: not a Param, so never trained or saved."""
 
 
-# model -> (its tied table, that table as [d, V]): one copy per model, however many decoders it serves.
-_VERIFY_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> {path of a weight: (that weight, its decode-time copy)}: one copy per weight, however many
+# decoders of the model use it.
+_DECODE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def with_verify_head(model: Transformer) -> Transformer:
-    """`model`, sharing its weights, with its tied LM head's table also kept as [d, V] (`lm_table_dv`)
-    for passes over several tokens per row (tree verification). On XLA:CPU a product of 2-16 rows
-    with the [V, d] table runs at about half the memory bandwidth of the same product with [d, V]
-    (and the table is 21% of the bytes SmolLM2-135M reads a pass, 63% of Gemma 3 270M's), while one
-    row, an AR step, is fastest against [V, d]. The copy costs the table's size again, so only where
-    it pays (CPU, a tied head), and once per model: decoders of the same model share it. Anything
-    else gets `model` back."""
-    if model.lm_head is not None or jax.default_backend() != "cpu":
+def _decode_copy(model: Transformer, path: str, weight: jax.Array, make) -> DecodeCopy:
+    copies = _DECODE_COPIES.setdefault(model, {})
+    if path not in copies or copies[path][0] is not weight:  # first use, or the weights were replaced since
+        copies[path] = (weight, make(weight))
+    return DecodeCopy(copies[path][1])
+
+
+def decode_layout(model: Transformer) -> Transformer:
+    """`model`, sharing its weights, with decode-time copies of them laid out the way a pass over a
+    few tokens per row (an AR step, a tree verification) reads them fastest; anything else gets
+    `model` back. Only on CPU, where XLA's own products are slow at 2-16 rows:
+
+    - with the panel kernel (jaxaccel.cpu_kernels.panel_matmul: x86 AVX2, a C++ compiler), every
+      float32 projection and the tied LM head get a panel-packed copy, read as one stream per 16
+      columns: a pass over 1-8 tokens costs about the weights' reading time, where XLA's GEMM
+      re-packs each weight per call;
+    - without it, a tied LM head keeps its table also as [d, V] (`lm_table_dv`): a product of 2-16
+      rows with the [V, d] table runs at about half the memory bandwidth of the same product with
+      [d, V] (the table is 21% of the bytes SmolLM2-135M reads a pass, 63% of Gemma 3 270M's),
+      while one row is fastest against [V, d].
+
+    The copies cost the weights' size again (once per model: decoders of the same model share them),
+    are not Params, and are never trained or saved."""
+    if jax.default_backend() != "cpu":
         return model
     table_vd = model.embed_tokens.embedding[...]
-    cached = _VERIFY_TABLES.get(model)
-    if cached is None or cached[0] is not table_vd:  # first use, or the weights were replaced since
-        cached = _VERIFY_TABLES[model] = (table_vd, jnp.transpose(table_vd))
+    on_one_device = len(table_vd.sharding.device_set) == 1  # a sharded model keeps XLA's products
+    panels = on_one_device and jnp.dtype(model.config.dtype) == jnp.float32 and panel_kernel_available()
+    if not panels and model.lm_head is not None:
+        return model
     copy = nnx.merge(*nnx.split(model))
-    copy.lm_table_dv = DecodeCopy(cached[1])
+    if panels:
+        for path, module in nnx.iter_graph(copy):
+            if isinstance(module, Projection) and packable(module.kernel[...]):
+                name = "/".join(map(str, path))
+                module.panels = _decode_copy(model, name, module.kernel[...], pack_panels)
+        if model.lm_head is None and packable(jax.ShapeDtypeStruct(table_vd.shape[::-1], table_vd.dtype)):
+            copy.lm_panels = _decode_copy(model, "lm_panels", table_vd, lambda t: pack_panels(t.T))
+            return copy
+    if model.lm_head is None:
+        copy.lm_table_dv = _decode_copy(model, "lm_table_dv", table_vd, jnp.transpose)
     return copy
 
 

@@ -118,22 +118,44 @@ def test_config_errors_name_the_problem():
     assert hash(ModelConfig()) == hash(ModelConfig())
 
 
-def test_verify_head_copy_gives_the_same_logits_and_is_not_a_param():
-    # A tied model gets a [d, V] copy of its table for passes over several tokens a row; its logits
-    # equal the plain model's on fresh tokens, its Params are the same arrays, and the copy is no Param.
-    from jaxaccel.model import DecodeCopy, with_verify_head
+@pytest.mark.parametrize("panels", [True, False], ids=["panel-kernel", "xla"])
+def test_decode_layout_gives_the_same_logits_and_is_not_a_param(panels, monkeypatch):
+    # A decoder's copy of the model carries its weights in decode-time layouts: panel-packed copies of
+    # every projection and the tied LM head where the CPU kernel runs, else a [d, V] copy of the tied
+    # table. Its logits equal the plain model's on fresh tokens, over 1 to 16 tokens a row and past
+    # that (XLA's product), its Params are the same arrays, and the copies are no Params.
+    import jaxaccel.model as model_module
+    from jaxaccel.cpu_kernels.panel_matmul import available
+    from jaxaccel.model import DecodeCopy, decode_layout
 
-    config = dataclasses.replace(CONFIGS["gqa"], tie_embeddings=True)
+    if panels and not available():
+        pytest.skip("the panel kernel does not run on this machine")
+    monkeypatch.setattr(model_module, "panel_kernel_available", lambda: panels)
+    config = dataclasses.replace(CONFIGS["gqa"], tie_embeddings=True, vocab_size=64)
     model = Transformer(config, rngs=nnx.Rngs(3))
-    fast = with_verify_head(model)
-    assert model.lm_table_dv is None and isinstance(fast.lm_table_dv, DecodeCopy)
+    fast = decode_layout(model)
+    copies = jax.tree.leaves(nnx.state(fast, DecodeCopy))
+    if panels:
+        projections = 5 * config.num_layers  # q, o, gate, up, down; k and v (24 wide) are not packable
+        assert fast.lm_table_dv is None and isinstance(fast.lm_panels, DecodeCopy)
+        assert len(copies) == projections + 1
+        assert fast.layers[0].mlp.up_proj.panels[...].shape == (config.intermediate_size // 16, config.hidden_size, 16)
+        assert decode_layout(model).lm_panels[...] is fast.lm_panels[...]  # one copy per model
+    else:
+        assert fast.lm_panels is None and isinstance(fast.lm_table_dv, DecodeCopy) and len(copies) == 1
+        assert decode_layout(model).lm_table_dv[...] is fast.lm_table_dv[...]  # one copy per model
+    assert model.lm_table_dv is None and model.lm_panels is None and model.layers[0].mlp.up_proj.panels is None
     assert fast.embed_tokens.embedding[...] is model.embed_tokens.embedding[...]
-    assert len(jax.tree.leaves(nnx.state(fast, DecodeCopy))) == 1
-    assert with_verify_head(model).lm_table_dv[...] is fast.lm_table_dv[...]  # one copy per model
     assert len(jax.tree.leaves(nnx.state(fast, nnx.Param))) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
-    tokens = np.random.default_rng(11).integers(0, config.vocab_size, (2, 5)).astype(np.int32)
-    for n in (1, 5):  # one token a row reads [V, d], several read the copy
+    tokens = np.random.default_rng(11).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
+    for n in (1, 5, 12):  # 2, 10 and 24 rows: the last past the kernel's 16
         np.testing.assert_allclose(np.asarray(fast.forward(tokens[:, :n]).logits),
                                    np.asarray(model.forward(tokens[:, :n]).logits), rtol=1e-5, atol=1e-5)
-    untied = Transformer(CONFIGS["gqa"], rngs=nnx.Rngs(3))
-    assert with_verify_head(untied) is untied
+    untied_model = Transformer(dataclasses.replace(CONFIGS["qknorm_window_bias"], vocab_size=64), rngs=nnx.Rngs(3))
+    untied = decode_layout(untied_model)  # an LM head of its own, projections with biases
+    if panels:
+        assert isinstance(untied.lm_head.panels, DecodeCopy) and untied.lm_panels is None
+        np.testing.assert_allclose(np.asarray(untied.forward(tokens[:, :3]).logits),
+                                   np.asarray(untied_model.forward(tokens[:, :3]).logits), rtol=1e-5, atol=1e-5)
+    else:
+        assert untied is untied_model

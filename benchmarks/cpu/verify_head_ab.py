@@ -1,6 +1,7 @@
-"""Tree verification with and without the [d, V] copy of a tied LM head (`jaxaccel.model.with_verify_head`),
-in one process: each method's decoder twice (with the copy, "new"; without, "old"), every Spec-Bench
-category's first question decoded by each in turn, twice; ms per forward pass and speedup vs AR.
+"""Decoding with and without the weights' decode-time layouts (`jaxaccel.model.decode_layout`: the
+CPU panel kernel's packed copies, or without it the [d, V] copy of a tied LM head), in one process:
+AR and each method's decoder twice (with the layouts, "new"; without, "old"), every Spec-Bench
+category's first question decoded by each in turn, twice; ms per forward pass and speedup vs old AR.
 
     python benchmarks/cpu/verify_head_ab.py --model gemma3-270m --drafter pld:depth=2 --drafter recycling
     python benchmarks/cpu/verify_head_ab.py --model smollm2-135m-instruct --heads auto --tree auto --chat
@@ -11,6 +12,7 @@ import argparse
 
 import jax
 
+import jaxaccel.decoding.autoregressive as autoregressive
 import jaxaccel.decoding.speculative as speculative
 from infer.spec_bench import decode_once, encode_questions
 from infer.speculative_rows import make_decoders
@@ -33,13 +35,13 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     model = load_hf(model_dir)
     new = make_decoders(model, model_dir, args.heads, [args.tree], args.drafter)
-    with_copy, speculative.with_verify_head = speculative.with_verify_head, lambda m: m
+    with_copies = speculative.decode_layout
+    speculative.decode_layout = autoregressive.decode_layout = lambda m: m
     old = make_decoders(model, model_dir, args.heads, [args.tree], args.drafter)
-    speculative.with_verify_head = with_copy
-    decoders = {"ar": new["ar"][0]}
+    speculative.decode_layout = autoregressive.decode_layout = with_copies
+    decoders = {}
     for name in new:
-        if name != "ar":
-            decoders[f"{name} old"], decoders[f"{name} new"] = old[name][0], new[name][0]
+        decoders[f"{name} old"], decoders[f"{name} new"] = old[name][0], new[name][0]
     prompts, _ = encode_questions(first_per_category(read_questions(DEFAULT_QUESTIONS), 1), model_dir, args.chat)
     policy, totals = Greedy(), {name: [0.0, 0] for name in decoders}
     for prompt in prompts[:args.questions]:
@@ -51,9 +53,9 @@ def main() -> None:
                                                             max_new_tokens=args.max_new_tokens, stop=[], seed=0)
                 totals[name][0] += seconds - prefill_s  # the loop alone
                 totals[name][1] += passes
-    ar_s, ar_passes = totals["ar"]
+    ar_s, ar_passes = totals["ar old"]
     print(f"{args.model}, {jax.devices()[0]}, {args.questions} questions x 2, {args.max_new_tokens} new tokens\n")
-    print("| method | ms per pass | pass / AR step | speedup vs AR |\n|---|---:|---:|---:|")
+    print("| method | ms per pass | pass / old AR step | speedup vs old AR |\n|---|---:|---:|---:|")
     for name, (s, passes) in totals.items():
         print(f"| {name} | {s / passes * 1e3:.2f} | {s / passes / (ar_s / ar_passes):.3f} | {ar_s / s:.3f}x |")
 

@@ -22,7 +22,7 @@ from jaxaccel.config import ModelConfig
 from jaxaccel.decoding.prompts import pad_prompts
 from jaxaccel.decoding.result import DecodeResult, stop_id_array
 from jaxaccel.decoding.sampling import Greedy, Policy
-from jaxaccel.model import Transformer
+from jaxaccel.model import Transformer, decode_layout
 from jaxaccel.sharding import cache_sharding, shard_state, sharding_for
 
 
@@ -109,7 +109,9 @@ class AutoregressiveDecoder:
     def __init__(self, model: Transformer, mesh: Mesh | None = None):
         self.config = model.config
         self.mesh = mesh
-        self.graphdef, params = nnx.split(model)
+        # One device: the weights' decode-time layouts (jaxaccel.model.decode_layout), as the speculative
+        # decoders verify with, so that AR and speculative rows multiply by the same kernels.
+        self.graphdef, params = nnx.split(model if mesh is not None else decode_layout(model))
         self.params = params if mesh is None else shard_state(params, mesh)
 
     def _place(self, x, logical: tuple):

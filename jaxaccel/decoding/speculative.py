@@ -34,7 +34,7 @@ from jaxaccel.decoding.timing import decode_step_seconds
 from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
 from jaxaccel.drafters import Drafter, Prefill, Verified, make_drafter
 from jaxaccel.drafters.protocol import carries, samples_drafts
-from jaxaccel.model import Transformer, with_verify_head
+from jaxaccel.model import Transformer, decode_layout
 
 
 @struct.dataclass
@@ -146,7 +146,7 @@ class SpeculativeDecoder:
 
     def __init__(self, model: Transformer, drafter: Drafter | nnx.Module, tree: Tree | DynamicTree | None = None):
         self.config = model.config
-        self.graphdef, self.params = nnx.split(with_verify_head(model))
+        self.graphdef, self.params = nnx.split(decode_layout(model))
         if isinstance(drafter, nnx.Module):
             drafter = make_drafter(heads=drafter, tree=tree)
         elif tree is not None:

@@ -1,16 +1,37 @@
 """Dense projections whose weights name their logical axes (see jaxaccel.sharding)."""
 
+import math
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxaccel.config import ModelConfig
+from jaxaccel.cpu_kernels.panel_matmul import MAX_ROWS, panel_matmul
 
 INIT_STD = 0.02
 
 
-def dense(config: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-    """nnx.Linear with kernel [d_in, d_out] annotated with logical `axes` (the bias takes the output axis)."""
-    return nnx.Linear(
+class Projection(nnx.Linear):
+    """nnx.Linear that, given a panel-packed copy of its kernel (`panels`, set only by
+    `jaxaccel.model.decode_layout`), multiplies a few rows by that copy instead: on CPU the decode
+    and tree-verify steps' products (jaxaccel.cpu_kernels.panel_matmul). Same parameters, same
+    checkpoints; training and prefill (many rows) use nnx.Linear's product as before."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.panels = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.panels is None or x.dtype != jnp.float32 or math.prod(x.shape[:-1]) > MAX_ROWS:
+            return super().__call__(x)
+        y = panel_matmul(x, self.panels[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+def dense(config: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], bias: bool, rngs: nnx.Rngs) -> Projection:
+    """A Projection with kernel [d_in, d_out] annotated with logical `axes` (the bias takes the output axis)."""
+    return Projection(
         d_in, d_out, use_bias=bias, rngs=rngs,
         dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
         kernel_init=nnx.with_partitioning(nnx.initializers.normal(INIT_STD), axes, eager_sharding=False),

@@ -1,0 +1,55 @@
+"""Compiles a C++ XLA FFI source shipped beside this file, once per machine, and loads it.
+
+The shared library goes to $JAXACCEL_CACHE_DIR/kernels (default ~/.cache/jaxaccel/kernels), named
+by a hash of the source, the compiler flags and jaxlib's version, so an edit or a jax upgrade
+rebuilds it. It is written under a temporary name and renamed, so a concurrent process never loads
+half a file. Nothing here downloads: it needs the system's C++ compiler (g++ or $CXX) and jaxlib's
+FFI headers (`jax.ffi.include_dir()`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jaxlib
+
+SOURCES = Path(__file__).parent
+
+
+def kernels_dir() -> Path:
+    if os.environ.get("JAXACCEL_CACHE_DIR"):
+        return Path(os.environ["JAXACCEL_CACHE_DIR"]) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxaccel" / "kernels"
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def build(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """Compiles SOURCES/source (if not cached) with `flags` and loads it. Raises RuntimeError with
+    the compiler's message when it cannot."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) to build {source}")
+    text = (SOURCES / source).read_bytes()
+    key = hashlib.sha256(text + " ".join(flags).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
+    target = kernels_dir() / f"{Path(source).stem}-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            partial = Path(tmp) / target.name
+            command = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
+                       str(SOURCES / source), "-o", str(partial)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"building {source} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+            os.replace(partial, target)
+    return ctypes.cdll.LoadLibrary(str(target))

@@ -1,0 +1,76 @@
+// y[M, N] = x[M, K] @ w, for a few rows M, with w packed as 16-column panels [N/16, K, 16].
+//
+// Why: a decode or tree-verify step multiplies 1-16 rows by every weight of the model, so it is
+// bound by reading the weights once. XLA:CPU's library GEMM re-packs the weight for every call of
+// 2+ rows (a second pass over it), and a [K, N] weight read one 16-column block at a time is a
+// strided walk. Packed panels are one contiguous stream each; a panel is read once from memory
+// while up to ROWS rows accumulate in registers, and again from cache for further rows.
+// Each row's sum runs over k in the same order however many rows come with it, so a row's result
+// does not depend on M (a token's logits in a tree verify equal its logits in an AR step).
+// AVX2 + FMA; the panels are split between the OpenMP threads.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+constexpr int64_t kPanel = 16;  // columns per panel: two 8-float AVX registers
+constexpr int kRows = 6;        // rows per pass: 12 accumulators + 2 weight registers + 1 broadcast
+
+template <int R>
+static void panel_rows(const float* x, int64_t K, const float* panel, int64_t N, float* y) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k, panel += kPanel) {
+    const __m256 w0 = _mm256_loadu_ps(panel), w1 = _mm256_loadu_ps(panel + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xk = _mm256_broadcast_ss(x + r * K + k);
+      acc[r][0] = _mm256_fmadd_ps(xk, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xk, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + r * N, acc[r][0]);
+    _mm256_storeu_ps(y + r * N + 8, acc[r][1]);
+  }
+}
+
+static void panel_all_rows(const float* x, int64_t M, int64_t K, const float* panel, int64_t N, float* y) {
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows) panel_rows<kRows>(x + m * K, K, panel, N, y + m * N);
+  const float* xm = x + m * K;
+  float* ym = y + m * N;
+  switch (M - m) {
+    case 5: panel_rows<5>(xm, K, panel, N, ym); break;
+    case 4: panel_rows<4>(xm, K, panel, N, ym); break;
+    case 3: panel_rows<3>(xm, K, panel, N, ym); break;
+    case 2: panel_rows<2>(xm, K, panel, N, ym); break;
+    case 1: panel_rows<1>(xm, K, panel, N, ym); break;
+    default: break;
+  }
+}
+
+static ffi::Error PanelMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto w_dims = w.dimensions();
+  if (w_dims.size() != 3 || w_dims[2] != kPanel) return ffi::Error::InvalidArgument("weight is not [N/16, K, 16]");
+  const int64_t panels = w_dims[0], K = w_dims[1], N = panels * kPanel;
+  const auto x_dims = x.dimensions();
+  if (x_dims.size() == 0 || x_dims[x_dims.size() - 1] != K) return ffi::Error::InvalidArgument("x's last axis is not K");
+  const int64_t M = static_cast<int64_t>(x.element_count()) / K;
+  if (static_cast<int64_t>(y->element_count()) != M * N) return ffi::Error::InvalidArgument("y is not [M, N]");
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < panels; ++p) panel_all_rows(xp, M, K, wp + p * K * kPanel, N, yp + p * kPanel);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxaccel_panel_matmul, PanelMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
