@@ -12,6 +12,8 @@ from jaxaccel.decoding.sampling import categorical_tokens
 from jaxaccel.decoding.tree import Tree
 from jaxaccel.decoding.verify import Verdict
 
+NO_TOKEN = -1  # a token slot holding no token (not yet written, or past a text's end): equal to none
+
 
 @struct.dataclass
 class HeadsState:

@@ -68,17 +68,21 @@ class Composite:
         return _start(self.heads, base, module, prefill, carried[0]), _start(self.other, base, None, prefill, carried[1])
 
     @property
+    def _carrying(self) -> bool:
+        return carries(self.heads) or carries(self.other)
+
+    @property
     def empty_carry(self):
         """The optional capability, when a part carries something across calls (a pair, None for
         a part that does not)."""
-        if not (carries(self.heads) or carries(self.other)):
+        if not self._carrying:
             return None
         return lambda base: tuple(part.empty_carry(base) if carries(part) else None
                                   for part in (self.heads, self.other))
 
     @property
     def carry(self):
-        if not (carries(self.heads) or carries(self.other)):
+        if not self._carrying:
             return None
         return lambda state: tuple(part.carry(s) if carries(part) else None
                                    for part, s in zip((self.heads, self.other), state))

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxaccel.decoding.tree import Tree
-from jaxaccel.drafters.common import chain_index, chains
+from jaxaccel.drafters.common import NO_TOKEN, chain_index, chains
 from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
 
-NO_TOKEN = -1  # buffer slots not yet written: equal to no token
 
 
 @struct.dataclass

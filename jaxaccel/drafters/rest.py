@@ -72,7 +72,7 @@ class Rest:
     def start(self, base, module, prefill: Prefill, carried: Store | None = None) -> RestState:
         if carried is None:
             raise ValueError("the rest drafter starts from its datastore: decode through SpeculativeDecoder")
-        b, s = prefill.tokens_bs.shape
+        b = prefill.tokens_bs.shape[0]
         # The last max_ngram tokens of prompt + first token.
         tokens_bs = jnp.concatenate([prefill.tokens_bs, jnp.zeros((b, 1), prefill.tokens_bs.dtype)], axis=1)
         tokens_bs = tokens_bs.at[jnp.arange(b), prefill.lengths_b].set(prefill.first_b).astype(jnp.int32)

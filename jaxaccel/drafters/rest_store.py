@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-NO_TOKEN = -1
+from jaxaccel.drafters.common import NO_TOKEN
 _FNV_PRIME = 0x01000193
 
 
@@ -71,11 +71,15 @@ def read_corpus(paths: Iterable[str | os.PathLike]) -> list[list[int]]:
     return sequences
 
 
-def _occurrences(sequences: Sequence[Sequence[int]], k: int, depth: int):
-    """(contexts [n, k], continuations [n, depth]) at every position with k tokens before it;
-    a continuation stops (NO_TOKEN) at its text's end."""
-    flat = np.concatenate([np.append(np.asarray(s, np.int64), NO_TOKEN) for s in sequences] +
+def _flatten(sequences: Sequence[Sequence[int]], depth: int) -> np.ndarray:
+    """The texts end to end, each followed by NO_TOKEN, then `depth` more (no window runs off the end)."""
+    return np.concatenate([np.append(np.asarray(s, np.int64), NO_TOKEN) for s in sequences] +
                           [np.full(depth, NO_TOKEN)])
+
+
+def _occurrences(flat: np.ndarray, k: int, depth: int):
+    """(contexts [n, k], continuations [n, depth]) at every position of `_flatten`'s texts with k
+    tokens before it; a continuation stops (NO_TOKEN) at its text's end."""
     windows = np.lib.stride_tricks.sliding_window_view(flat, k + depth)
     context_nk, continuation_nd = windows[:, :k], windows[:, k:]
     keep = np.all(context_nk >= 0, axis=1) & (continuation_nd[:, 0] >= 0)
@@ -95,12 +99,13 @@ def _group_starts(*columns) -> np.ndarray:
 def build_store(sequences: Sequence[Sequence[int]], *, max_ngram: int, depth: int, branches: int,
                 vocab_size: int) -> tuple[Store, dict]:
     """The store over `sequences` (token ids < vocab_size) and a summary: contexts, slots, probes."""
-    tokens = np.concatenate([np.asarray(s, np.int64) for s in sequences])
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    flat = _flatten(sequences, depth)
+    separators = len(sequences) + depth  # the only negative entries a valid corpus leaves
+    if np.count_nonzero(flat < 0) != separators or flat.max() >= vocab_size:
         raise ValueError(f"the corpus holds token ids outside the model's vocabulary [0, {vocab_size})")
     slot_hash, fingerprint, continuation = [], [], []
     for k in range(1, max_ngram + 1):
-        context_nk, continuation_nd = _occurrences(sequences, k, depth)
+        context_nk, continuation_nd = _occurrences(flat, k, depth)
         slot_hash.append(context_hash(np, context_nk, _slot_seed(k)))
         fingerprint.append(context_hash(np, context_nk, _fingerprint_seed(k)) | np.uint32(1))
         continuation.append(continuation_nd)
@@ -131,7 +136,7 @@ def build_store(sequences: Sequence[Sequence[int]], *, max_ngram: int, depth: in
     fingerprint_h[slot_of_context] = (group_key[key_starts] & 0xFFFFFFFF).astype(np.uint32)
     use = rank < branches
     drafts_hcd[slot_of_context[context_of_group[use]], rank[use]] = np.maximum(group_continuation[use], 0)
-    summary = {"sequences": len(sequences), "tokens": int(tokens.size), "contexts": contexts, "slots": size,
+    summary = {"sequences": len(sequences), "tokens": int(flat.size - separators), "contexts": contexts, "slots": size,
                "probes": probes}
     return Store(fingerprint_h=jnp.asarray(fingerprint_h), drafts_hcd=jnp.asarray(drafts_hcd), probes=probes), summary
 

@@ -10,6 +10,7 @@ were distilled from, so loading them for another base model is an error (HeadsMi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,19 +43,27 @@ def _base_config_json(base_dir: Path) -> dict[str, Any]:
 
 
 def base_fingerprint(base_dir: str | os.PathLike) -> dict[str, str]:
-    """{"config_sha256", "weights_sha256"} of a model directory."""
+    """{"config_sha256", "weights_sha256"} of a model directory. The weights' hash (about a second
+    for 538 MB) is remembered while their files keep their names, sizes and modification times."""
     base_dir = Path(base_dir)
     config = json.dumps(_base_config_json(base_dir), sort_keys=True).encode()
     files = sorted(base_dir.glob("*.safetensors"))
     if not files:
         raise ModelDirectoryError(f"{base_dir} holds no *.safetensors weights")
+    files += [base_dir / INDEX_FILE] if (base_dir / INDEX_FILE).exists() else []
+    stamp = tuple((f.name, str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return {"config_sha256": hashlib.sha256(config).hexdigest(), "weights_sha256": _weights_sha256(stamp)}
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_sha256(stamp: tuple[tuple[str, str, int, int], ...]) -> str:
     weights = hashlib.sha256()
-    for file in files + ([base_dir / INDEX_FILE] if (base_dir / INDEX_FILE).exists() else []):
-        weights.update(file.name.encode() + b"\0")
-        with file.open("rb") as f:
+    for name, path, _, _ in stamp:
+        weights.update(name.encode() + b"\0")
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 weights.update(chunk)
-    return {"config_sha256": hashlib.sha256(config).hexdigest(), "weights_sha256": weights.hexdigest()}
+    return weights.hexdigest()
 
 
 def save_heads(heads: Heads, heads_dir: str | os.PathLike, base_dir: str | os.PathLike,
