@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxaccel.files import cache_home
+
 
 def default_cache_dir() -> Path:
     """Where compiled executables go unless a program is told otherwise."""
     if os.environ.get("JAXACCEL_CACHE_DIR"):
         return Path(os.environ["JAXACCEL_CACHE_DIR"])
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return home / "jaxaccel" / "jax-compilation"
+    return cache_home() / "jax-compilation"
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""Atomic file writes: readers see the old file or the new one, never half of one.
+"""Atomic file writes: readers see the old file or the new one, never half of one; and where the
+project keeps what it makes once per machine (`cache_home`).
 
 Every file the project writes for others to read (model and heads directories, eval.json,
 checkpoint metadata) goes through here: written to a temporary name in the same directory,
@@ -16,6 +17,11 @@ import shutil
 import socket
 from pathlib import Path
 from typing import Any, Callable
+
+
+def cache_home() -> Path:
+    """$XDG_CACHE_HOME/jaxaccel, else ~/.cache/jaxaccel: models, compiled programs, built kernels."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxaccel"
 
 
 def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> None:

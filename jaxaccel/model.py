@@ -12,7 +12,6 @@ Module names follow the Hugging Face checkpoints, so the weight key map (jaxacce
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import jax
@@ -22,9 +21,8 @@ from flax import nnx, struct
 
 from jaxaccel.cache import KVCache
 from jaxaccel.config import ModelConfig
-from jaxaccel.cpu_kernels.panel_matmul import MAX_ROWS as PANEL_MAX_ROWS
 from jaxaccel.cpu_kernels.panel_matmul import available as panel_kernel_available
-from jaxaccel.cpu_kernels.panel_matmul import pack_panels, packable, panel_matmul
+from jaxaccel.cpu_kernels.panel_matmul import pack_panels, packable, panel_matmul, reads_panels
 from jaxaccel.layers.attention_kinds import make_attention
 from jaxaccel.layers.context import ForwardContext
 from jaxaccel.layers.linear import INIT_STD, Projection, dense
@@ -131,8 +129,7 @@ class Transformer(nnx.Module):
             # XLA:CPU fuses that transpose into a naive loop-emitted dot over the whole table
             # (every decode step) instead of calling its library matrix-vector product.
             embed = self.embed_tokens
-            rows = math.prod(hidden_bnd.shape[:-1])
-            if self.lm_panels is not None and hidden_bnd.dtype == jnp.float32 and rows <= PANEL_MAX_ROWS:
+            if self.lm_panels is not None and reads_panels(hidden_bnd):
                 out = panel_matmul(hidden_bnd, self.lm_panels[...])
             elif self.lm_table_dv is not None and hidden_bnd.shape[-2] > 1:
                 hidden_bnd, table_dv = embed.promote_dtype((hidden_bnd, self.lm_table_dv[...]), dtype=embed.dtype)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from jaxaccel.files import cache_home
+
 READY_FILE = "PREPARED.json"  # written last into the model directory: its presence means complete
 
 
@@ -169,7 +171,7 @@ def models_root() -> Path:
     """$JAXACCEL_MODELS_DIR, else $XDG_CACHE_HOME/jaxaccel/models, else ~/.cache/jaxaccel/models."""
     if os.environ.get("JAXACCEL_MODELS_DIR"):
         return Path(os.environ["JAXACCEL_MODELS_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxaccel" / "models"
+    return cache_home() / "models"
 
 
 def entry(name: str) -> ModelEntry:

@@ -2,8 +2,8 @@
 
 The shared library goes to $JAXACCEL_CACHE_DIR/kernels (default ~/.cache/jaxaccel/kernels), named
 by a hash of the source, the compiler flags and jaxlib's version, so an edit or a jax upgrade
-rebuilds it. It is written under a temporary name and renamed, so a concurrent process never loads
-half a file. Nothing here downloads: it needs the system's C++ compiler (g++ or $CXX) and jaxlib's
+rebuilds it. It is written atomically (jaxaccel.files), so a concurrent process never loads half
+a file. Nothing here downloads: it needs the system's C++ compiler (g++ or $CXX) and jaxlib's
 FFI headers (`jax.ffi.include_dir()`).
 """
 
@@ -14,11 +14,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jaxlib
+
+from jaxaccel.files import cache_home, write_atomically
 
 SOURCES = Path(__file__).parent
 
@@ -26,11 +27,19 @@ SOURCES = Path(__file__).parent
 def kernels_dir() -> Path:
     if os.environ.get("JAXACCEL_CACHE_DIR"):
         return Path(os.environ["JAXACCEL_CACHE_DIR"]) / "kernels"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxaccel" / "kernels"
+    return cache_home() / "kernels"
 
 
 def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _compile(cxx: str, flags: tuple[str, ...], source: Path, output: str) -> None:
+    command = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
+               str(source), "-o", output]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building {source.name} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
 
 
 def build(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
@@ -44,12 +53,5 @@ def build(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     target = kernels_dir() / f"{Path(source).stem}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            partial = Path(tmp) / target.name
-            command = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
-                       str(SOURCES / source), "-o", str(partial)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"building {source} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
-            os.replace(partial, target)
+        write_atomically(target, lambda partial: _compile(cxx, flags, SOURCES / source, partial))
     return ctypes.cdll.LoadLibrary(str(target))

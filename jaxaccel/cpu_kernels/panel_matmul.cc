@@ -9,7 +9,6 @@
 // does not depend on M (a token's logits in a tree verify equal its logits in an AR step).
 // AVX2 + FMA; the panels are split between the OpenMP threads.
 #include <immintrin.h>
-#include <omp.h>
 
 #include <cstdint>
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import platform
 
@@ -50,6 +51,11 @@ def available() -> bool:
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, TARGET)), platform="cpu")
     return True
+
+
+def reads_panels(x: jax.Array) -> bool:
+    """Whether a pass with input `x` [..., K] multiplies by the panels: float32, at most MAX_ROWS rows."""
+    return x.dtype == jnp.float32 and math.prod(x.shape[:-1]) <= MAX_ROWS
 
 
 def packable(w_kn: jax.Array | jax.ShapeDtypeStruct) -> bool:

@@ -23,7 +23,6 @@ from jaxaccel.drafters.protocol import Draft, Prefill, Verified
 from jaxaccel.drafters.record import DrafterRecord
 
 
-
 @struct.dataclass
 class LookupState:
     tokens_bl: jax.Array  # [B, L] int32: prompt, then emitted tokens, then NO_TOKEN

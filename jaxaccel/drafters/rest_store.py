@@ -30,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from jaxaccel.drafters.common import NO_TOKEN
+
 _FNV_PRIME = 0x01000193
 
 

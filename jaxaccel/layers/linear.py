@@ -1,13 +1,11 @@
 """Dense projections whose weights name their logical axes (see jaxaccel.sharding)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxaccel.config import ModelConfig
-from jaxaccel.cpu_kernels.panel_matmul import MAX_ROWS, panel_matmul
+from jaxaccel.cpu_kernels.panel_matmul import panel_matmul, reads_panels
 
 INIT_STD = 0.02
 
@@ -23,7 +21,7 @@ class Projection(nnx.Linear):
         self.panels = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.panels is None or x.dtype != jnp.float32 or math.prod(x.shape[:-1]) > MAX_ROWS:
+        if self.panels is None or not reads_panels(x):
             return super().__call__(x)
         y = panel_matmul(x, self.panels[...])
         return y if self.bias is None else y + self.bias[...]
