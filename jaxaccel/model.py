@@ -13,6 +13,7 @@ Module names follow the Hugging Face checkpoints, so the weight key map (jaxacce
 from __future__ import annotations
 
 import weakref
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +22,19 @@ from flax import nnx, struct
 
 from jaxaccel.cache import KVCache
 from jaxaccel.config import ModelConfig
+from jaxaccel.cpu_kernels.decode_attention import available as cpu_attention_available
 from jaxaccel.cpu_kernels.panel_matmul import available as panel_kernel_available
 from jaxaccel.cpu_kernels.panel_matmul import pack_panels, packable, panel_matmul, reads_panels
+from jaxaccel.layers.attention import Attention
 from jaxaccel.layers.attention_kinds import make_attention
 from jaxaccel.layers.context import ForwardContext
-from jaxaccel.layers.linear import INIT_STD, Projection, dense
+from jaxaccel.layers.linear import INIT_STD, DecodeCopy, Projection, dense
 from jaxaccel.layers.mlp import MLP
 from jaxaccel.layers.moe import MoE
 from jaxaccel.layers.norms import RMSNorm
+
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 
 @struct.dataclass
@@ -150,56 +156,79 @@ class Transformer(nnx.Module):
         return out.replace(cache=out.cache.advance(lengths_b))
 
 
-class DecodeCopy(nnx.Variable):
-    """A weight copied into another layout for decoding: not a Param, so never trained or saved."""
-
-
-# model -> {path of a weight: (that weight, its decode-time copy)}: one copy per weight, however many
-# decoders of the model use it.
+# module -> {path of a weight: (that weight, its decode-time copy)}: one copy per weight, however
+# many decoders of the module use it.
 _DECODE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _decode_copy(model: Transformer, path: str, weight: jax.Array, make) -> DecodeCopy:
-    copies = _DECODE_COPIES.setdefault(model, {})
+def _decode_copy(module: nnx.Module, path: str, weight: jax.Array, make) -> DecodeCopy:
+    copies = _DECODE_COPIES.setdefault(module, {})
     if path not in copies or copies[path][0] is not weight:  # first use, or the weights were replaced since
         copies[path] = (weight, make(weight))
     return DecodeCopy(copies[path][1])
 
 
-def decode_layout(model: Transformer) -> Transformer:
-    """`model`, sharing its weights, with decode-time copies of them laid out the way a pass over a
-    few tokens per row (an AR step, a tree verification) reads them fastest; anything else gets
-    `model` back. Only on CPU, where XLA's own products are slow at 2-16 rows:
+def _use_cpu_kernels(copy: nnx.Module, original: nnx.Module) -> None:
+    """Panel-packed copies of every float32 Projection's kernel in `copy`, and of the plain [K, N]
+    kernels a module names in its PANEL_COPIES ({kernel attribute: copy attribute}, multiplied
+    through `jaxaccel.layers.linear.times`); softmax attention on the decode-attention kernel."""
+    attention_kernel = cpu_attention_available()
+    for path, module in nnx.iter_graph(copy):
+        name = "/".join(map(str, path))
+        if isinstance(module, Attention):
+            module.cpu_kernel = attention_kernel
+        if isinstance(module, Projection) and packable(module.kernel[...]):
+            module.panels = _decode_copy(original, name, module.kernel[...], pack_panels)
+        for kernel_name, copy_name in getattr(module, "PANEL_COPIES", {}).items():
+            kernel = getattr(module, kernel_name)[...]
+            if packable(kernel):
+                setattr(module, copy_name, _decode_copy(original, f"{name}/{kernel_name}", kernel, pack_panels))
 
-    - with the panel kernel (jaxaccel.cpu_kernels.panel_matmul: x86 AVX2, a C++ compiler), every
-      float32 projection and the tied LM head get a panel-packed copy, read as one stream per 16
-      columns: a pass over 1-8 tokens costs about the weights' reading time, where XLA's GEMM
-      re-packs each weight per call;
-    - without it, a tied LM head keeps its table also as [d, V] (`lm_table_dv`): a product of 2-16
-      rows with the [V, d] table runs at about half the memory bandwidth of the same product with
-      [d, V] (the table is 21% of the bytes SmolLM2-135M reads a pass, 63% of Gemma 3 270M's),
-      while one row is fastest against [V, d].
 
-    The copies cost the weights' size again (once per model: decoders of the same model share them),
-    are not Params, and are never trained or saved."""
+def _on_one_device(module: nnx.Module) -> bool:
+    """A sharded module keeps XLA's products."""
+    return all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def decode_layout(module: ModuleT) -> ModuleT:
+    """`module` (a base model, or draft heads), sharing its weights, with decode-time copies of
+    them laid out the way a pass over a few tokens per row (an AR step, drafting, a tree
+    verification) reads them fastest; anything else gets `module` back. Only on CPU, where XLA's
+    own products are slow at 2-16 rows:
+
+    - with the CPU kernels (jaxaccel.cpu_kernels: x86 AVX2, a C++ compiler), every float32
+      projection, a model's tied LM head and the heads' plain kernels (PANEL_COPIES) get a
+      panel-packed copy, read as one stream per 16 columns: a pass over 1-8 tokens costs about the
+      weights' reading time, where XLA's GEMM re-packs each weight per call; and softmax attention
+      over the cache runs on the decode-attention kernel, which reads K and V where they lie;
+    - without it, a model's tied LM head keeps its table also as [d, V] (`lm_table_dv`): a product
+      of 2-16 rows with the [V, d] table runs at about half the memory bandwidth of the same
+      product with [d, V] (the table is 21% of the bytes SmolLM2-135M reads a pass, 63% of Gemma 3
+      270M's), while one row is fastest against [V, d].
+
+    The copies cost the weights' size again (once per module: decoders of the same module share
+    them), are not Params, and are never trained or saved."""
     if jax.default_backend() != "cpu":
-        return model
-    table_vd = model.embed_tokens.embedding[...]
-    on_one_device = len(table_vd.sharding.device_set) == 1  # a sharded model keeps XLA's products
-    panels = on_one_device and jnp.dtype(model.config.dtype) == jnp.float32 and panel_kernel_available()
-    if not panels and model.lm_head is not None:
-        return model
-    copy = nnx.merge(*nnx.split(model))
+        return module
+    panels = _on_one_device(module) and panel_kernel_available()
+    if not isinstance(module, Transformer):
+        if not panels:
+            return module
+        copy = nnx.merge(*nnx.split(module))
+        _use_cpu_kernels(copy, module)
+        return copy
+    panels = panels and jnp.dtype(module.config.dtype) == jnp.float32
+    if not panels and module.lm_head is not None:
+        return module
+    copy = nnx.merge(*nnx.split(module))
+    table_vd = module.embed_tokens.embedding[...]
     if panels:
-        for path, module in nnx.iter_graph(copy):
-            if isinstance(module, Projection) and packable(module.kernel[...]):
-                name = "/".join(map(str, path))
-                module.panels = _decode_copy(model, name, module.kernel[...], pack_panels)
-        if model.lm_head is None and packable(jax.ShapeDtypeStruct(table_vd.shape[::-1], table_vd.dtype)):
-            copy.lm_panels = _decode_copy(model, "lm_panels", table_vd, lambda t: pack_panels(t.T))
+        _use_cpu_kernels(copy, module)
+        if module.lm_head is None and packable(jax.ShapeDtypeStruct(table_vd.shape[::-1], table_vd.dtype)):
+            copy.lm_panels = _decode_copy(module, "lm_panels", table_vd, lambda t: pack_panels(t.T))
             return copy
-    if model.lm_head is None:
-        copy.lm_table_dv = _decode_copy(model, "lm_table_dv", table_vd, jnp.transpose)
+    if module.lm_head is None:
+        copy.lm_table_dv = _decode_copy(module, "lm_table_dv", table_vd, jnp.transpose)
     return copy
 
 

@@ -161,3 +161,29 @@ def test_train_eagle3_on_cached_features(tmp_path, capsys):
         assert train_eagle3.main(["--model", str(model), "--features", str(features_dir), "--out", str(tmp_path / "x"),
                                   "--draft-vocab", "40"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_decode_layout_gives_the_heads_panels_and_the_same_drafts():
+    # Drafting multiplies a few rows by the head's fuse, combine, draft-layer and LM-head kernels:
+    # where the CPU kernel runs, the decoder's copy of the head reads panel-packed copies of them all
+    # (no Params, the head itself untouched), with the same results on fresh inputs.
+    from jaxaccel.cpu_kernels.panel_matmul import available
+    from jaxaccel.model import DecodeCopy, decode_layout
+
+    if not available():
+        pytest.skip("the panel kernel does not run on this machine")
+    module = Eagle3Heads(HeadsConfig(kind="eagle3", num_heads=3, draft_vocab_size=32), CONFIG, rngs=nnx.Rngs(5))
+    fast = decode_layout(module)
+    assert all(isinstance(getattr(fast, name), DecodeCopy) for name in Eagle3Heads.PANEL_COPIES.values())
+    assert isinstance(fast.layer.mlp.down_proj.panels, DecodeCopy) and module.lm_panels is None
+    assert len(nnx.to_flat_state(nnx.state(fast, nnx.Param))) == len(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    rng = np.random.default_rng(2)
+    captured = jnp.asarray(rng.standard_normal((1, 5, 3, CONFIG.hidden_size)).astype(np.float32))
+    embeds = jnp.asarray(rng.standard_normal((1, 5, CONFIG.hidden_size)).astype(np.float32))
+    close = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fast.fuse(captured)), np.asarray(module.fuse(captured)), **close)
+    features = module.fuse(captured)
+    states_fast, _ = fast.step(features, embeds)
+    states, _ = module.step(features, embeds)
+    np.testing.assert_allclose(np.asarray(states_fast), np.asarray(states), **close)
+    np.testing.assert_allclose(np.asarray(fast.draft_logits(states)), np.asarray(module.draft_logits(states)), **close)

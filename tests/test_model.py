@@ -141,6 +141,7 @@ def test_decode_layout_gives_the_same_logits_and_is_not_a_param(panels, monkeypa
         assert len(copies) == projections + 1
         assert fast.layers[0].mlp.up_proj.panels[...].shape == (config.intermediate_size // 16, config.hidden_size, 16)
         assert decode_layout(model).lm_panels[...] is fast.lm_panels[...]  # one copy per model
+        assert fast.layers[0].self_attn.cpu_kernel and not model.layers[0].self_attn.cpu_kernel
     else:
         assert fast.lm_panels is None and isinstance(fast.lm_table_dv, DecodeCopy) and len(copies) == 1
         assert decode_layout(model).lm_table_dv[...] is fast.lm_table_dv[...]  # one copy per model
@@ -151,6 +152,10 @@ def test_decode_layout_gives_the_same_logits_and_is_not_a_param(panels, monkeypa
     for n in (1, 5, 12):  # 2, 10 and 24 rows: the last past the kernel's 16
         np.testing.assert_allclose(np.asarray(fast.forward(tokens[:, :n]).logits),
                                    np.asarray(model.forward(tokens[:, :n]).logits), rtol=1e-5, atol=1e-5)
+    lengths = np.array([7, 4], np.int32)  # then 3 tokens over a cache (rows of unequal lengths)
+    over_cache = [m.forward(tokens[:, 8:11], cache=m.prefill(tokens[:, :8], lengths, KVCache.create(config, 2, 24)).cache)
+                  .logits for m in (fast, model)]
+    np.testing.assert_allclose(*map(np.asarray, over_cache), rtol=1e-5, atol=1e-5)
     untied_model = Transformer(dataclasses.replace(CONFIGS["qknorm_window_bias"], vocab_size=64), rngs=nnx.Rngs(3))
     untied = decode_layout(untied_model)  # an LM head of its own, projections with biases
     if panels:

@@ -34,12 +34,14 @@ def test_panel_matmul_equals_the_product(seed):
 def test_a_rows_result_does_not_depend_on_the_other_rows():
     # A token's logits in a tree verification equal its logits in an AR step, bit for bit.
     rng = np.random.default_rng(7)
-    x = jnp.asarray(rng.standard_normal((9, 576)).astype(np.float32))
-    panels = pm.pack_panels(jnp.asarray(rng.standard_normal((576, 192)).astype(np.float32)))
+    # 16 rows run as three blocks taking turns over k in chunks; K = 700 ends mid-chunk.
+    x = jnp.asarray(rng.standard_normal((16, 700)).astype(np.float32))
+    panels = pm.pack_panels(jnp.asarray(rng.standard_normal((700, 192)).astype(np.float32)))
     whole = np.asarray(pm.panel_matmul(x, panels))
-    for m in (1, 4, 7):
+    for m in (1, 4, 7, 8, 13):
         np.testing.assert_array_equal(np.asarray(pm.panel_matmul(x[:m], panels)), whole[:m])
     np.testing.assert_array_equal(np.asarray(pm.panel_matmul(x[5:6], panels)), whole[5:6])
+    np.testing.assert_array_equal(np.asarray(pm.panel_matmul(x[9:], panels)), whole[9:])
 
 
 def test_bad_operands_are_named():

@@ -10,8 +10,11 @@ FFI headers (`jax.ffi.include_dir()`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import logging
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +25,9 @@ import jaxlib
 from jaxaccel.files import cache_home, write_atomically
 
 SOURCES = Path(__file__).parent
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+
+log = logging.getLogger(__name__)
 
 
 def kernels_dir() -> Path:
@@ -55,3 +61,30 @@ def build(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(target, lambda partial: _compile(cxx, flags, SOURCES / source, partial))
     return ctypes.cdll.LoadLibrary(str(target))
+
+
+def cpu_has_avx2_fma() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@functools.cache
+def registered(source: str, target: str) -> bool:
+    """Whether the handler `target` of SOURCES/source runs on this machine: Linux on x86-64 with
+    AVX2 and FMA, a C++ compiler, and $JAXACCEL_CPU_KERNELS not "0" (the switch for A/B runs).
+    The first call builds the library and registers the handler with XLA:CPU."""
+    if os.environ.get("JAXACCEL_CPU_KERNELS", "1") == "0" or not cpu_has_avx2_fma():
+        return False
+    try:
+        library = build(source, FLAGS)
+    except (RuntimeError, OSError) as error:
+        log.warning("%s unavailable, decoding uses XLA's own operations: %s", source, error)
+        return False
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    return True

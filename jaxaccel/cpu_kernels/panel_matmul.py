@@ -9,48 +9,21 @@ it through `jaxaccel.model.decode_layout`; nothing else needs to call it.
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
-import os
-import platform
 
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.cpu_kernels.build import build
+from jaxaccel.cpu_kernels.build import registered
 
 PANEL = 16
 TARGET = "jaxaccel_panel_matmul"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 MAX_ROWS = 16  # beyond this XLA's GEMM (which prefill uses) is the better product
 
-log = logging.getLogger(__name__)
 
-
-def cpu_has_avx2_fma() -> bool:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
-@functools.cache
 def available() -> bool:
     """True once the kernel is built and registered with XLA:CPU (the first call builds it)."""
-    if os.environ.get("JAXACCEL_CPU_KERNELS", "1") == "0" or not cpu_has_avx2_fma():
-        return False
-    try:
-        library = build("panel_matmul.cc", FLAGS)
-    except (RuntimeError, OSError) as error:
-        log.warning("panel matmul kernel unavailable, decoding uses XLA's matmul: %s", error)
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, TARGET)), platform="cpu")
-    return True
+    return registered("panel_matmul.cc", TARGET)
 
 
 def reads_panels(x: jax.Array) -> bool:

@@ -153,7 +153,7 @@ class SpeculativeDecoder:
             raise ValueError("pass the tree to make_drafter, not to SpeculativeDecoder, with a drafter")
         module = drafter.module
         # Parameters travel as arrays; the drafter, stripped of them, is a static jit argument.
-        self.module_graphdef, self.module_params = (None, None) if module is None else nnx.split(module)
+        self.module_graphdef, self.module_params = (None, None) if module is None else nnx.split(decode_layout(module))
         self.drafter = drafter if module is None else dataclasses.replace(drafter, module=None)
         # What the drafter carries from call to call (None: it carries nothing).
         self.empty_carried = self.drafter.empty_carry(model) if carries(self.drafter) else None

@@ -30,7 +30,7 @@ from jaxaccel.draft_vocab import DraftVocab, checked_d2t, to_target_logits
 from jaxaccel.heads.common import DraftOutput, base_lm_kernel, decoder_config, param, run_decoder_layer, shift_left
 from jaxaccel.heads.config import HeadsConfig
 from jaxaccel.heads.eagle import unroll_mask
-from jaxaccel.layers.linear import INIT_STD
+from jaxaccel.layers.linear import INIT_STD, times
 from jaxaccel.layers.norms import RMSNorm
 from jaxaccel.model import DecoderLayer, Transformer
 from jaxaccel.training.features import feature_layers
@@ -38,6 +38,9 @@ from jaxaccel.training.features import feature_layers
 
 class Eagle3Heads(nnx.Module):
     """The EAGLE-3 draft layer (module doc); jaxaccel.drafters.eagle3 drafts with it."""
+
+    # Decode-time panel copies of the plain products' kernels (jaxaccel.model.decode_layout).
+    PANEL_COPIES = {"fuse_kernel": "fuse_panels", "combine_kernel": "combine_panels", "lm_kernel": "lm_panels"}
 
     def __init__(self, config: HeadsConfig, base_config: ModelConfig, *, rngs: nnx.Rngs):
         self.config, self.base_config = config, base_config
@@ -56,6 +59,9 @@ class Eagle3Heads(nnx.Module):
         self.norm = RMSNorm(d, eps=base_config.rms_norm_eps, param_dtype=pdt)
         self.lm_kernel = param(INIT_STD * jax.random.normal(rngs.params(), (d, n), pdt), ("embed", "vocab"))
         self.d2t = DraftVocab(jnp.arange(n, dtype=jnp.int32))
+        self.fuse_panels = nnx.data(None)
+        self.combine_panels = nnx.data(None)
+        self.lm_panels = nnx.data(None)
 
     @property
     def draft_vocab_size(self) -> int:
@@ -77,12 +83,12 @@ class Eagle3Heads(nnx.Module):
     def fuse(self, captured_nkd: jax.Array) -> jax.Array:
         """The base's low/middle/high states [..., k, d] -> the fused feature [..., d]."""
         x = captured_nkd.reshape(*captured_nkd.shape[:-2], -1)
-        return x @ self.fuse_kernel[...].astype(x.dtype)
+        return times(x, self.fuse_kernel[...], self.fuse_panels)
 
     def combine(self, features_d: jax.Array, embeds_d: jax.Array) -> jax.Array:
         """combine([feature, embedding of the next token]) -> the decoder layer's input [..., d]."""
         x = jnp.concatenate([features_d.astype(embeds_d.dtype), embeds_d], axis=-1)
-        return x @ self.combine_kernel[...].astype(x.dtype) + self.combine_bias[...].astype(x.dtype)
+        return times(x, self.combine_kernel[...], self.combine_panels) + self.combine_bias[...].astype(x.dtype)
 
     def step(self, features_bnd: jax.Array, embeds_bnd: jax.Array, positions_bn: jax.Array | None = None, *,
              cache: KVCache | None = None, mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -100,7 +106,7 @@ class Eagle3Heads(nnx.Module):
     def draft_logits(self, states_nd: jax.Array) -> jax.Array:
         """Output states [..., d] -> float32 logits over the draft vocabulary [..., N]."""
         x = self.norm(states_nd)
-        return (x @ self.lm_kernel[...].astype(x.dtype)).astype(jnp.float32)
+        return times(x, self.lm_kernel[...], self.lm_panels).astype(jnp.float32)
 
     def target_logits(self, states_nd: jax.Array) -> jax.Array:
         """Logits over the whole vocabulary [..., V]: -inf outside the draft vocabulary."""

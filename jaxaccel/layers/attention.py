@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxaccel.config import ModelConfig, resolve_attention_impl
 from jaxaccel.cache import write_rows
+from jaxaccel.cpu_kernels import decode_attention as cpu_attention
 from jaxaccel.layers.linear import dense
 from jaxaccel.layers.norms import RMSNorm
 from jaxaccel.layers.rope import apply_rope, inverse_frequencies
@@ -77,6 +78,7 @@ class Attention(nnx.Module):
         d, hd = config.hidden_size, config.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
         self.config, self.layer_index = config, layer_index
+        self.cpu_kernel = False  # see `attend`
         self.sliding_window = config.layer_window(layer_index)
         # Scores are scaled by head_dim ** -0.5 where they are computed; query_pre_attn_scalar's
         # scale is reached by scaling q by the ratio (1 when it equals head_dim, as in small Gemmas).
@@ -110,7 +112,10 @@ class Attention(nnx.Module):
         return q, k, v
 
     def attend(self, q_bnhd, k_bthd, v_bthd, visible_bnt) -> jax.Array:
-        """Softmax attention with this model's impl and score soft-capping."""
+        """Softmax attention with this model's impl and score soft-capping; a few queries a row on
+        the CPU kernel in a decoder's copy of the model (`cpu_kernel`, set by decode_layout)."""
+        if self.cpu_kernel and self.config.attn_softcap is None and cpu_attention.runs(q_bnhd, k_bthd):
+            return cpu_attention.decode_attention(q_bnhd, k_bthd, v_bthd, visible_bnt)
         return dot_product_attention(q_bnhd, k_bthd, v_bthd, visible_bnt, impl=self.config.attention_impl,
                                      softcap=self.config.attn_softcap)
 

@@ -10,6 +10,18 @@ from jaxaccel.cpu_kernels.panel_matmul import panel_matmul, reads_panels
 INIT_STD = 0.02
 
 
+class DecodeCopy(nnx.Variable):
+    """A weight copied into another layout for decoding: not a Param, so never trained or saved."""
+
+
+def times(x: jax.Array, kernel_kn: jax.Array, panels: DecodeCopy | None) -> jax.Array:
+    """x @ kernel [K, N]; through the kernel's panel-packed copy (`panels`, set only by
+    `jaxaccel.model.decode_layout`) when there is one and the pass reads panels."""
+    if panels is not None and reads_panels(x):
+        return panel_matmul(x, panels[...])
+    return x @ kernel_kn.astype(x.dtype)
+
+
 class Projection(nnx.Linear):
     """nnx.Linear that, given a panel-packed copy of its kernel (`panels`, set only by
     `jaxaccel.model.decode_layout`), multiplies a few rows by that copy instead: on CPU the decode
