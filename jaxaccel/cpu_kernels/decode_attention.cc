@@ -62,6 +62,26 @@ static inline float dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
+// Scores of query q against 8 keys (fewer when left < 8: the rest repeat the first) -> out[0..8):
+// eight dot products over D (a multiple of 8) summed across lanes together, the same way for each.
+static inline void scores8(const float* q, const float* k, const int64_t* keys, int64_t left, int64_t Hkv, int64_t h,
+                           int64_t D, float scale, float* out) {
+  const float* key[8];
+  for (int u = 0; u < 8; ++u) key[u] = k + (keys[u < left ? u : 0] * Hkv + h) * D;
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(key[u] + d), acc[u]);
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  _mm256_storeu_ps(out, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+}
+
 constexpr int64_t kQueries = 4;  // queries per task: they share each key block's reading
 constexpr int64_t kKeys = 32;    // keys per block: 8 KB of K or V at D = 64, read once into L1 per task
 
@@ -69,7 +89,7 @@ constexpr int64_t kKeys = 32;    // keys per block: 8 KB of K or V at D = 64, re
 // m = (i - i0) * g + j. q [n, Hq, D], k and v [T, Hkv, D] (the row's), visible [n, T], out like q.
 static void attend_queries(const float* q, const float* k, const float* v, const bool* visible, int64_t i0,
                            int64_t i1, int64_t T, int64_t Hq, int64_t Hkv, int64_t h, int64_t D, float* out) {
-  const int64_t g = Hq / Hkv, rows = (i1 - i0) * g, stride = (T + 7) / 8 * 8;
+  const int64_t g = Hq / Hkv, rows = (i1 - i0) * g, stride = (T + 7) / 8 * 8 + 8;  // + 8: scores8's last store
   thread_local std::vector<float> probs;  // [rows, stride]: scores, then their exponentials, by rank
   thread_local std::vector<int64_t> seen;  // keys each query sees
   probs.resize(rows * stride);
@@ -79,15 +99,19 @@ static void attend_queries(const float* q, const float* k, const float* v, const
     const int64_t t1 = t0 + kKeys < T ? t0 + kKeys : T;
     for (int64_t i = i0; i < i1; ++i) {
       const bool* vis = visible + i * T;
-      int64_t rank = 0;
+      int64_t keys[kKeys], count = 0;  // the block's keys this query sees, in slot order
+      for (int64_t t = t0; t < t1; ++t)
+        if (vis[t]) keys[count++] = t;
       for (int64_t j = 0; j < g; ++j) {
         const float* qm = q + (i * Hq + h * g + j) * D;
-        float* row = probs.data() + ((i - i0) * g + j) * stride;
-        rank = seen[i - i0];
-        for (int64_t t = t0; t < t1; ++t)
-          if (vis[t]) row[rank++] = dot(qm, k + (t * Hkv + h) * D, D) * scale;
+        float* row = probs.data() + ((i - i0) * g + j) * stride + seen[i - i0];
+        if (D % 8 == 0) {
+          for (int64_t c = 0; c < count; c += 8) scores8(qm, k, keys + c, count - c, Hkv, h, D, scale, row + c);
+        } else {
+          for (int64_t c = 0; c < count; ++c) row[c] = dot(qm, k + (keys[c] * Hkv + h) * D, D) * scale;
+        }
       }
-      seen[i - i0] = rank;
+      seen[i - i0] += count;
     }
   }
   std::vector<float> inverse(rows);

@@ -112,9 +112,11 @@ class Attention(nnx.Module):
         return q, k, v
 
     def attend(self, q_bnhd, k_bthd, v_bthd, visible_bnt) -> jax.Array:
-        """Softmax attention with this model's impl and score soft-capping; a few queries a row on
-        the CPU kernel in a decoder's copy of the model (`cpu_kernel`, set by decode_layout)."""
-        if self.cpu_kernel and self.config.attn_softcap is None and cpu_attention.runs(q_bnhd, k_bthd):
+        """Softmax attention with this model's impl and score soft-capping; where that is XLA, a few
+        queries a row run on the CPU kernel in a decoder's copy of the model (`cpu_kernel`, set by
+        decode_layout)."""
+        if (self.cpu_kernel and self.config.attn_softcap is None and cpu_attention.runs(q_bnhd, k_bthd)
+                and resolve_attention_impl(self.config.attention_impl) == "xla"):  # an explicit "pallas" stays
             return cpu_attention.decode_attention(q_bnhd, k_bthd, v_bthd, visible_bnt)
         return dot_product_attention(q_bnhd, k_bthd, v_bthd, visible_bnt, impl=self.config.attention_impl,
                                      softcap=self.config.attn_softcap)
