@@ -210,25 +210,21 @@ def decode_layout(module: ModuleT) -> ModuleT:
     them), are not Params, and are never trained or saved."""
     if jax.default_backend() != "cpu":
         return module
-    panels = _on_one_device(module) and panel_kernel_available()
-    if not isinstance(module, Transformer):
-        if not panels:
-            return module
-        copy = nnx.merge(*nnx.split(module))
-        _use_cpu_kernels(copy, module)
-        return copy
-    panels = panels and jnp.dtype(module.config.dtype) == jnp.float32
-    if not panels and module.lm_head is not None:
+    is_model = isinstance(module, Transformer)
+    panels = (_on_one_device(module) and panel_kernel_available()
+              and (not is_model or jnp.dtype(module.config.dtype) == jnp.float32))
+    tied_table = is_model and module.lm_head is None
+    if not panels and not tied_table:
         return module
     copy = nnx.merge(*nnx.split(module))
-    table_vd = module.embed_tokens.embedding[...]
     if panels:
         _use_cpu_kernels(copy, module)
-        if module.lm_head is None and packable(jax.ShapeDtypeStruct(table_vd.shape[::-1], table_vd.dtype)):
+    if tied_table:
+        table_vd = module.embed_tokens.embedding[...]
+        if panels and packable(jax.ShapeDtypeStruct(table_vd.shape[::-1], table_vd.dtype)):
             copy.lm_panels = _decode_copy(module, "lm_panels", table_vd, lambda t: pack_panels(t.T))
-            return copy
-    if module.lm_head is None:
-        copy.lm_table_dv = _decode_copy(module, "lm_table_dv", table_vd, jnp.transpose)
+        else:
+            copy.lm_table_dv = _decode_copy(module, "lm_table_dv", table_vd, jnp.transpose)
     return copy
 
 
