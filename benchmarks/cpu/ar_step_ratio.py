@@ -1,17 +1,44 @@
-"""Floor and AR step alternating in one process, 3 rounds (ar_step_notes.md). python benchmarks/cpu/ar_step_ratio.py [max_new_tokens]"""
-import sys, os, numpy as np, jax
+"""The AR step against the weight-streaming floor, and a forward over 8 tokens against one, in rounds
+alternating in one process (every figure inside a compiled loop, as `infer.bench --step-costs`
+measures it, without that command's speculative rows). For A/B runs of a change: run it in a
+checkout before and after the change, in turns.
+
+    PYTHONPATH=. python benchmarks/cpu/ar_step_ratio.py [--model smollm2-135m-instruct] [--rounds 3] [--label NAME]
+"""
+from __future__ import annotations
+
+import argparse
+
+from flax import nnx
+
+from infer.bench import make_prompts
+from infer.speculative_rows import make_decoders
+from infer.step_costs import LOOP_STEPS, PROMPT_LEN, ForwardTimer
+from jaxaccel.decoding.timing import decode_step_seconds, weight_streaming_floor
 from jaxaccel.hf import load_hf
-from jaxaccel.decoding.autoregressive import AutoregressiveDecoder
-from jaxaccel.decoding.timing import weight_streaming_floor, time_decode
-model = load_hf(os.environ.get("MODEL", "/tmp/smollm2_hf"))
-dec = AutoregressiveDecoder(model)
-prompts = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 64)).tolist()
-n = int(sys.argv[1]) if len(sys.argv) > 1 else 64
-out = []
-for r in range(3):
-    fl = weight_streaming_floor(dec.params)["seconds"]
-    t = time_decode(dec, prompts, max_new_tokens=n, repeats=3)
-    out.append((fl, t["step_s"]))
-    print(f"  floor {fl*1e3:.2f} ms  step {t['step_s']*1e3:.2f} ms  ratio {t['step_s']/fl:.3f}", flush=True)
-print(f"{os.environ.get('XLA_FLAGS','')}: median ratio {np.median([s/f for f, s in out]):.3f}  step {np.median([s for f,s in out])*1e3:.2f}  floor {np.median([f for f,s in out])*1e3:.2f}")
-print("tokens", t["result"].sequences()[0][:12])
+from jaxaccel.models import resolve_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--label", default="this checkout")
+    args = parser.parse_args()
+    model_dir = resolve_model(args.model)
+    model = load_hf(model_dir)
+    prompt = make_prompts(model_dir, model.config.vocab_size, 1, PROMPT_LEN, 0)[0]
+    timer = ForwardTimer(model, prompt, repeats=5)
+    decoder = make_decoders(model, model_dir, [], [None], [])["ar"][0]
+    cache_len = 192  # the prompt's bucket and a few steps, as --step-costs
+    for _ in range(args.rounds):
+        floor_s = weight_streaming_floor(nnx.state(model, nnx.Param))["seconds"]
+        ar_s = decode_step_seconds(decoder, [prompt], steps=LOOP_STEPS)
+        one_s, eight_s = timer.seconds(1, cache_len), timer.seconds(8, cache_len)
+        print(f"{args.label}: floor {floor_s * 1e3:.2f} ms, AR step {ar_s * 1e3:.2f} ms ({ar_s / floor_s:.2f}x), "
+              f"forward over 1 / 8 tokens {one_s * 1e3:.2f} / {eight_s * 1e3:.2f} ms ({eight_s / one_s:.2f}x)",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

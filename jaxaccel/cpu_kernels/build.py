@@ -1,8 +1,8 @@
 """Compiles a C++ XLA FFI source shipped beside this file, once per machine, and loads it.
 
 The shared library goes to $JAXACCEL_CACHE_DIR/kernels (default ~/.cache/jaxaccel/kernels), named
-by a hash of the source, the compiler flags and jaxlib's version, so an edit or a jax upgrade
-rebuilds it. It is written atomically (jaxaccel.files), so a concurrent process never loads half
+by a hash of the source and the headers beside it, the compiler flags and jaxlib's version, so an
+edit or a jax upgrade rebuilds it. It is written atomically (jaxaccel.files), so a concurrent process never loads half
 a file. Nothing here downloads: it needs the system's C++ compiler (g++ or $CXX) and jaxlib's
 FFI headers (`jax.ffi.include_dir()`).
 """
@@ -25,7 +25,7 @@ import jaxlib
 from jaxaccel.files import cache_home, write_atomically
 
 SOURCES = Path(__file__).parent
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+FLAGS = ("-O3", "-mavx2", "-mfma")
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def build(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) to build {source}")
-    text = (SOURCES / source).read_bytes()
+    text = b"".join(path.read_bytes() for path in (SOURCES / source, *sorted(SOURCES.glob("*.h"))))  # its headers too
     key = hashlib.sha256(text + " ".join(flags).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
     target = kernels_dir() / f"{Path(source).stem}-{key}.so"
     if not target.exists():

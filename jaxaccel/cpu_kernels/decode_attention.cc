@@ -12,13 +12,14 @@
 // and sums are laid out by rank among the visible keys, so a token scored in a tree verification
 // gets the same bits as in an AR step (its ancestors sit in other slots, but in the same order).
 // A query that sees no key gets the mean of all values, as a softmax over all-masked scores does.
-// AVX2 + FMA; the tasks are split between the OpenMP threads.
+// AVX2 + FMA; the tasks are shared out between XLA's threads (parallel.h).
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -184,7 +185,7 @@ static void attend_queries(const float* q, const float* k, const float* v, const
     }
 }
 
-static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+static ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                   ffi::Buffer<ffi::PRED> visible, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), md = visible.dimensions();
   const auto vd = v.dimensions();
@@ -200,19 +201,18 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
   const bool* mp = visible.typed_data();
   float* op = out->typed_data();
   const int64_t chunks = (n + kQueries - 1) / kQueries;
-#pragma omp parallel for schedule(static) collapse(3) if (B * chunks * Hkv > 1)
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t i0 = c * kQueries, i1 = i0 + kQueries < n ? i0 + kQueries : n;
-        attend_queries(qp + b * n * Hq * D, kp + b * T * Hkv * D, vp + b * T * Hkv * D, mp + b * n * T, i0, i1, T, Hq,
-                       Hkv, h, D, op + b * n * Hq * D);
-      }
+  jaxaccel::parallel_for(pool, B * chunks * Hkv, [&](int64_t task) {  // task = (b, c, h)
+    const int64_t b = task / (chunks * Hkv), c = task / Hkv % chunks, h = task % Hkv;
+    const int64_t i0 = c * kQueries, i1 = i0 + kQueries < n ? i0 + kQueries : n;
+    attend_queries(qp + b * n * Hq * D, kp + b * T * Hkv * D, vp + b * T * Hkv * D, mp + b * n * T, i0, i1, T, Hq, Hkv,
+                   h, D, op + b * n * Hq * D);
+  });
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxaccel_decode_attention, DecodeAttention,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

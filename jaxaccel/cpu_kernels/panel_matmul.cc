@@ -7,11 +7,12 @@
 // once from memory while up to 6 rows accumulate in registers, and from L1 for further rows.
 // Each row's sum runs over k in the same order however many rows come with it, so a row's result
 // does not depend on M (a token's logits in a tree verify equal its logits in an AR step).
-// AVX2 + FMA; the panels are split between the OpenMP threads.
+// AVX2 + FMA; the panels are shared out in chunks between XLA's threads (parallel.h).
 #include <immintrin.h>
 
 #include <cstdint>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -78,7 +79,7 @@ static void panel_all_rows(const float* x, int64_t M, int64_t K, const float* pa
   }
 }
 
-static ffi::Error PanelMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+static ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto w_dims = w.dimensions();
   if (w_dims.size() != 3 || w_dims[2] != kPanel) return ffi::Error::InvalidArgument("weight is not [N/16, K, 16]");
   const int64_t panels = w_dims[0], K = w_dims[1], N = panels * kPanel;
@@ -89,13 +90,18 @@ static ffi::Error PanelMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, 
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-#pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < panels; ++p) panel_all_rows(xp, M, K, wp + p * K * kPanel, N, yp + p * kPanel);
+  // About four chunks a thread, so that a thread slowed by other work hands its share to the rest.
+  const int64_t chunk = panels / (4 * pool.num_threads()) > 1 ? panels / (4 * pool.num_threads()) : 1;
+  jaxaccel::parallel_for(pool, (panels + chunk - 1) / chunk, [&](int64_t c) {
+    for (int64_t p = c * chunk; p < panels && p < (c + 1) * chunk; ++p)
+      panel_all_rows(xp, M, K, wp + p * K * kPanel, N, yp + p * kPanel);
+  });
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxaccel_panel_matmul, PanelMatmul,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
