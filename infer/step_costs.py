@@ -29,6 +29,11 @@ PROMPT_LEN = 128
 LOOP_STEPS = (4, 20)  # the short and the long run of every in-loop measurement
 
 
+def chain_cache_len(prompt_len: int) -> int:
+    """One cache size for the whole forward curve: the prompt's bucket and a few steps' tokens."""
+    return bucket_length(prompt_len) + 64
+
+
 def _prefill(graphdef, params, cache, tokens_bs, lengths_b):
     return nnx.merge(graphdef, params).prefill(tokens_bs, lengths_b, cache).cache
 
@@ -81,8 +86,7 @@ def step_costs(model, model_dir: Path, prompt: list[int], *, heads_dirs=(), tree
     from jaxaccel.decoding.timing import decode_step_seconds, weight_streaming_floor
 
     timer = ForwardTimer(model, prompt, repeats)
-    width = bucket_length(len(prompt))
-    chain_cache = width + 64  # one cache size for the whole curve: the prompt and a few steps' tokens
+    chain_cache = chain_cache_len(len(prompt))
     chain = {n: timer.seconds(n, chain_cache) for n in CHAIN_SIZES}
     decoders = make_decoders(model, model_dir, list(heads_dirs), list(tree_specs), list(drafter_specs))
     ar_step_s = decode_step_seconds(decoders["ar"][0], [prompt], steps=LOOP_STEPS)

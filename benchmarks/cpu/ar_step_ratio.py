@@ -13,7 +13,7 @@ from flax import nnx
 
 from infer.bench import make_prompts
 from infer.speculative_rows import make_decoders
-from infer.step_costs import LOOP_STEPS, PROMPT_LEN, ForwardTimer
+from infer.step_costs import LOOP_STEPS, PROMPT_LEN, ForwardTimer, chain_cache_len
 from jaxaccel.decoding.timing import decode_step_seconds, weight_streaming_floor
 from jaxaccel.hf import load_hf
 from jaxaccel.models import resolve_model
@@ -30,7 +30,7 @@ def main() -> None:
     prompt = make_prompts(model_dir, model.config.vocab_size, 1, PROMPT_LEN, 0)[0]
     timer = ForwardTimer(model, prompt, repeats=5)
     decoder = make_decoders(model, model_dir, [], [None], [])["ar"][0]
-    cache_len = 192  # the prompt's bucket and a few steps, as --step-costs
+    cache_len = chain_cache_len(len(prompt))  # as --step-costs
     for _ in range(args.rounds):
         floor_s = weight_streaming_floor(nnx.state(model, nnx.Param))["seconds"]
         ar_s = decode_step_seconds(decoder, [prompt], steps=LOOP_STEPS)

@@ -2,9 +2,9 @@
 
 The shared library goes to $JAXACCEL_CACHE_DIR/kernels (default ~/.cache/jaxaccel/kernels), named
 by a hash of the source and the headers beside it, the compiler flags and jaxlib's version, so an
-edit or a jax upgrade rebuilds it. It is written atomically (jaxaccel.files), so a concurrent process never loads half
-a file. Nothing here downloads: it needs the system's C++ compiler (g++ or $CXX) and jaxlib's
-FFI headers (`jax.ffi.include_dir()`).
+edit or a jax upgrade rebuilds it. It is written atomically (jaxaccel.files), so a concurrent
+process never loads half a file. Nothing here downloads: it needs the system's C++ compiler (g++ or
+$CXX) and jaxlib's FFI headers (`jax.ffi.include_dir()`).
 """
 
 from __future__ import annotations

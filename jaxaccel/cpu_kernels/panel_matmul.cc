@@ -10,6 +10,7 @@
 // AVX2 + FMA; the panels are shared out in chunks between XLA's threads (parallel.h).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "parallel.h"
@@ -91,7 +92,7 @@ static ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   // About four chunks a thread, so that a thread slowed by other work hands its share to the rest.
-  const int64_t chunk = panels / (4 * pool.num_threads()) > 1 ? panels / (4 * pool.num_threads()) : 1;
+  const int64_t chunk = std::max<int64_t>(1, panels / (4 * pool.num_threads()));
   jaxaccel::parallel_for(pool, (panels + chunk - 1) / chunk, [&](int64_t c) {
     for (int64_t p = c * chunk; p < panels && p < (c + 1) * chunk; ++p)
       panel_all_rows(xp, M, K, wp + p * K * kPanel, N, yp + p * kPanel);

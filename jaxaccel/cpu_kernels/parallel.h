@@ -11,6 +11,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -35,7 +36,7 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t count, const F& fn) {
       s.done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = pool.num_threads() - 1 < count - 1 ? pool.num_threads() - 1 : count - 1;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared, claim] { claim(*shared); });
   claim(*shared);
   while (shared->done.load(std::memory_order_acquire) < count) _mm_pause();
