@@ -7,9 +7,10 @@
 
 Questions: Spec-Bench's `question.jsonl` (`--questions FILE` in the same format), first turn only,
 through the model's chat template (a model without one, or `--no-chat`: the plain question text); `--limit N`
-keeps the first N of each category in file order. Each question is decoded at batch 1 by every
-method in turn (question-major, so load on a shared machine falls on all methods alike), greedy by
-default, up to --max-new-tokens, stopping on the model's EOS and the template's end of turn.
+keeps the first N of each category in file order, `--subtask NAME` only that subtask's (repeatable).
+Each question is decoded at batch 1 by every method in turn (question-major, so load on a shared
+machine falls on all methods alike), greedy by default, up to --max-new-tokens, stopping on the
+model's EOS and the template's end of turn.
 Questions that do not fit the model's context with --max-new-tokens (and the largest tree) are
 skipped and counted.
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from infer.arguments import add_speculative_arguments
 from infer.spec_bench_peers import PEER_NAMES
-from jaxaccel.spec_bench import MT_BENCH
+from jaxaccel.spec_bench import MT_BENCH, SUBTASKS
 
 EXIT_BAD_INPUT = 2
 OVERALL = "overall"
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-chat", action="store_true", help="plain question text, no chat template (the default "
                    "for a model without one)")
     p.add_argument("--limit", type=int, help="first N questions of each category (file order)")
+    p.add_argument("--subtask", action="append", choices=list(SUBTASKS), help="only this Spec-Bench subtask's "
+                   "questions (repeat for several; default: all)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (identical to ar is checked)")
     p.add_argument("--seed", type=int, default=0)
@@ -189,6 +192,11 @@ def spec_bench(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     model_dir = resolve_model(args.model)
     questions = first_per_category(read_questions(args.questions), args.limit)
+    if args.subtask:
+        questions = [q for q in questions if q.subtask in args.subtask]
+        if not questions:
+            raise ValueError(f"no questions of subtask {', '.join(args.subtask)} in "
+                             f"{args.questions or 'the Spec-Bench question file'}")
     model = load_hf(model_dir)
     decoders = make_decoders(model, model_dir, args.heads, args.tree or [None], args.drafter)
     chat = not args.no_chat and has_chat_template(model_dir)  # a base model reads the plain question

@@ -8,6 +8,9 @@ llama.cpp (llama-cpp-python, the `bench` extra): on the named model's original G
 quantization, e.g. Q4_1) and on a float32 copy of it (`jaxaccel.gguf_import.f32`: exactly the
 weights our float32 model runs, written once beside the model in the cache), each plain and with
 its prompt lookup decoding (`LlamaPromptLookupDecoding`); forward passes counted at `Llama.eval`.
+llama.cpp keeps its KV cache in float16 by default; on the float32 copy it keeps it in float32 too, so
+that run is float32 throughout, like ours (with float16 K/V its greedy text drifted from ours on long
+prompts).
 
 Mean accepted tokens means what it means for our rows (prefill counted as a pass).
 """
@@ -59,16 +62,17 @@ class LlamaCppPeer:
     """llama.cpp on one GGUF file, plain or with prompt lookup: `run(prompt)` as TransformersPeer's."""
 
     def __init__(self, gguf_file: Path, precision: str, stop: list[int], max_new_tokens: int, *, lookup: bool,
-                 context: int, threads: int | None):
+                 context: int, threads: int | None, float32_cache: bool):
         import os
 
-        from llama_cpp import Llama
+        from llama_cpp import GGML_TYPE_F32, Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         draft = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS) if lookup else None
         # Prompt lookup verifies its drafts from every position's logits, so it needs them all kept.
         self.llm = Llama(model_path=str(gguf_file), n_ctx=context, n_threads=threads or os.cpu_count(),
-                         draft_model=draft, logits_all=lookup, verbose=False)
+                         draft_model=draft, logits_all=lookup, verbose=False,
+                         **({"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if float32_cache else {}))
         self.precision, self.stop, self.max_new_tokens = precision, stop, max_new_tokens
         self.calls = 0
         evaluate = self.llm.eval
@@ -107,7 +111,8 @@ def llama_cpp_files(model_name: str) -> list[tuple[Path, str]]:
     f32 = original.with_name(f"{original.stem}.F32.gguf")
     if not f32.is_file():
         write_f32_gguf(original, f32)
-    return [(original, f"{'/'.join(sorted(kinds))} GGUF (llama.cpp CPU)"), (f32, "float32 GGUF (llama.cpp CPU)")]
+    return [(original, f"{'/'.join(sorted(kinds))} GGUF, float16 KV cache (llama.cpp CPU)"),
+            (f32, "float32 GGUF and KV cache (llama.cpp CPU)")]
 
 
 def make_peers(names: list[str], model_name: str, model_dir: Path, stop: list[int], max_new_tokens: int,
@@ -135,5 +140,5 @@ def make_peers(names: list[str], model_name: str, model_dir: Path, stop: list[in
             for lookup in (False, True):
                 method = f"llama.cpp {'prompt lookup' if lookup else 'generate'} ({label})"
                 peers[method] = LlamaCppPeer(path, precision, stop, max_new_tokens, lookup=lookup, context=context,
-                                             threads=threads)
+                                             threads=threads, float32_cache=label == "F32")
     return peers

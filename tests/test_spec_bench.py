@@ -79,11 +79,11 @@ def test_shipped_heads_are_identical_to_ar_at_temperature_zero(tmp_path, capsys)
 
 
 def test_temperature_above_zero_reports_identical_as_null(tmp_path, capsys):
-    questions = write_questions(tmp_path / "q.jsonl", {"qa": SHORT["qa"][:1]})
+    questions = write_questions(tmp_path / "q.jsonl", {"qa": SHORT["qa"][:1], "writing": SHORT["writing"]})
     # `small` has no chat template: the plain question, without being told --no-chat
     report = run_json(capsys, ["--model", "small", "--questions", questions, "--max-new-tokens", "4",
-                               "--temperature", "1"])
-    assert [r["identical_to_ar"] for r in report["rows"]] == [None, None]
+                               "--temperature", "1", "--subtask", "qa"])
+    assert [(r["category"], r["identical_to_ar"]) for r in report["rows"]] == [("qa", None), ("overall", None)]
     assert report["chat"] is False
 
 
@@ -91,11 +91,14 @@ def test_temperature_above_zero_reports_identical_as_null(tmp_path, capsys):
     (["--model", "no-such-model"], "neither a model directory nor a model name"),
     (["--model", "small", "--limit", "0"], "--limit must be >= 1"),
     (["--model", "small", "--questions", "BAD"], "is not a Spec-Bench question"),
+    (["--model", "small", "--limit", "1", "--subtask", "rag", "--questions", "QA_ONLY"], "no questions of subtask rag"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     if "BAD" in argv:
         (tmp_path / "bad.jsonl").write_text('{"question_id": 1, "category": "qa"}\n')
         argv = [str(tmp_path / "bad.jsonl") if a == "BAD" else a for a in argv]
+    if "QA_ONLY" in argv:
+        argv = [write_questions(tmp_path / "qa.jsonl", {"qa": SHORT["qa"]}) if a == "QA_ONLY" else a for a in argv]
     assert spec_bench.main([*argv, "--no-chat", "--no-compilation-cache"]) == spec_bench.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
