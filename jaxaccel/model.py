@@ -115,16 +115,18 @@ class Transformer(nnx.Module):
 
     def forward(self, tokens_bn: jax.Array, positions_bn: jax.Array | None = None, *,
                 cache: KVCache | None = None, mask: jax.Array | None = None,
-                capture: tuple[int, ...] = ()) -> ForwardOutput:
+                capture: tuple[int, ...] = (), empty_cache: bool = False) -> ForwardOutput:
         """Runs n tokens per row. `positions_bn` default: consecutive after the cache (or from 0).
         `mask` [n, n] or [B, n, n] (query, key) among the new tokens; default causal. `capture`:
-        layer indices whose output (the residual stream after the layer) comes back as `captured`."""
+        layer indices whose output (the residual stream after the layer) comes back as `captured`.
+        `empty_cache`: the caller promises the cache holds nothing yet (a prefill), so attention runs
+        among the new tokens only instead of over every slot."""
         check_tokens(tokens_bn, self.config.vocab_size)
         if cache is None and tokens_bn.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {tokens_bn.shape[1]} tokens is longer than the model's context "
                              f"({self.config.max_position_embeddings} positions)")
         x_bnd, new_cache, captured = run_layers(self.layers, self.embed_tokens(tokens_bn), positions_bn, cache=cache,
-                                                mask=mask, capture=capture)
+                                                mask=mask, capture=capture, empty_cache=empty_cache)
         hidden_bnd = self.norm(x_bnd)
         return ForwardOutput(logits=self.logits(hidden_bnd), hidden=hidden_bnd, cache=new_cache, captured=captured)
 
@@ -150,9 +152,9 @@ class Transformer(nnx.Module):
         return out if cap is None else jnp.tanh(out / cap) * cap
 
     def prefill(self, tokens_bs: jax.Array, lengths_b: jax.Array, cache: KVCache) -> ForwardOutput:
-        """Prompts right-padded to S, with true lengths; returns the cache with each prompt committed.
-        Padding K/V are written past each row's length and overwritten later."""
-        out = self.forward(tokens_bs, cache=cache)
+        """Prompts right-padded to S, with true lengths, into an empty cache; returns the cache with each
+        prompt committed. Padding K/V are written past each row's length and overwritten later."""
+        out = self.forward(tokens_bs, cache=cache, empty_cache=True)
         return out.replace(cache=out.cache.advance(lengths_b))
 
 
@@ -230,15 +232,17 @@ def decode_layout(module: ModuleT) -> ModuleT:
 
 def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, *, cache: KVCache | None = None,
                mask: jax.Array | None = None, duo_gates: jax.Array | None = None,
-               capture: tuple[int, ...] = ()) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+               capture: tuple[int, ...] = (),
+               empty_cache: bool = False) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
     """Decoder layers over n new entries per row, with the forward-pass semantics above: positions
     default consecutive after the cache (or from 0), mask [n, n] or [B, n, n] default causal, new
     entries recorded in each layer's cache entry but not committed. What the layers share (which
     keys each query sees) is worked out once per pass in a ForwardContext, not in every layer.
     Also runs the draft heads' own decoder layers (one-layer caches). `duo_gates` [layers, Hkv]
     (training without a cache): duo layers mix full and streaming attention per KV head
-    (jaxaccel.training.gates). Returns (x, cache, the states after the `capture` layers [B, n, k, d]
-    or None)."""
+    (jaxaccel.training.gates). `empty_cache`: the cache holds nothing yet (a prefill): full-attention
+    layers attend among the new tokens only. Returns (x, cache, the states after the `capture` layers
+    [B, n, k, d] or None)."""
     b, n = x_bnd.shape[:2]
     if any(not 0 <= i < len(layers) for i in capture):
         raise ValueError(f"capture layers {tuple(capture)} are not all among the {len(layers)} layers")
@@ -249,7 +253,8 @@ def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, 
         positions_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)
     mask_bnn = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)) if mask is None else mask, (b, n, n))
     ctx = ForwardContext(positions_bn, mask_bnn, None if cache is None else cache.lengths, causal=mask is None,
-                         duo_gates=duo_gates)  # each layer's attention applies its own window
+                         duo_gates=duo_gates, empty_cache=empty_cache and cache is not None)
+    # (each layer's attention applies its own window)
     entries, states = [], {}
     for i, layer in enumerate(layers):
         x_bnd, entry = layer(x_bnd, ctx, None if cache is None else cache.layers[i])

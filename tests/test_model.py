@@ -98,6 +98,34 @@ def test_decoding_one_token_at_a_time_matches_full_forward():
     np.testing.assert_allclose(np.concatenate(logits, axis=1), full, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_attends_among_its_tokens_as_a_pass_over_the_whole_cache_does(name):
+    """A prefill (empty cache) attends among its own tokens, past CAUSAL_BLOCK in causal blocks; the
+    same pass told nothing of the empty cache attends over every slot; a full forward is the reference."""
+    from jaxaccel.layers.attention import CAUSAL_BLOCK
+
+    config = dataclasses.replace(CONFIGS[name], max_position_embeddings=512)
+    model = Transformer(config, rngs=nnx.Rngs(5))
+    lengths = np.array([2 * CAUSAL_BLOCK + 44, CAUSAL_BLOCK + 3, 17], np.int32)  # a partial last block
+    rng = np.random.default_rng(8)
+    tokens = np.zeros((3, lengths.max()), np.int32)
+    for r, n in enumerate(lengths):
+        tokens[r, :n] = rng.integers(0, config.vocab_size, n)
+    cache = KVCache.create(config, 3, int(lengths.max()) + 40)
+    prefill = nnx.jit(lambda m, t, c: m.prefill(t, lengths, c))(model, tokens, cache)
+    over_all = nnx.jit(lambda m, t, c: m.forward(t, cache=c))(model, tokens, cache)
+    rows = np.arange(3)
+    last = np.asarray(prefill.logits)[rows, lengths - 1]
+    np.testing.assert_allclose(last, np.asarray(over_all.logits)[rows, lengths - 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(last, last_logits(model, [tokens[r, :n] for r, n in enumerate(lengths)]),
+                               atol=2e-5, rtol=0)
+    committed = over_all.cache.advance(lengths)  # as prefill does (a ring commits its pending K/V)
+    for got, want in zip(jax.tree.leaves(prefill.cache.layers), jax.tree.leaves(committed.layers)):
+        for r, n in enumerate(lengths):  # the prompt's K/V in the cache; padding slots are overwritten later
+            np.testing.assert_allclose(np.asarray(got)[r, :n], np.asarray(want)[r, :n], atol=1e-5, rtol=0)
+    assert np.array_equal(np.asarray(prefill.cache.lengths), lengths)
+
+
 def test_sequence_longer_than_cache_or_context():
     config = CONFIGS["gqa"]
     model = Transformer(config, rngs=nnx.Rngs(0))

@@ -59,7 +59,7 @@ def spec_prefill(graphdef, params, module_graphdef, module_params, cache: KVCach
     """Prefills the prompts, draws each row's first token and starts the drafter (from `carried`,
     what its last call left, for a drafter that carries)."""
     model, module = merge_parts(graphdef, params, module_graphdef, module_params)
-    out = model.forward(tokens_bs, cache=cache, capture=base_layers(drafter))
+    out = model.forward(tokens_bs, cache=cache, capture=base_layers(drafter), empty_cache=True)
     out = out.replace(cache=out.cache.advance(lengths_b))
     last_b1d = jnp.take_along_axis(out.hidden, (lengths_b - 1)[:, None, None], axis=1)
     first_b = sample_policy(policy)(model.logits(last_b1d)[:, 0], jax.random.fold_in(key, 0))

@@ -3,8 +3,9 @@
 Without a cache, the n tokens attend among themselves under `mask_bnn`. With a cache, their K/V
 are first written at slots lengths[b].. of the row's cache, then every query attends over the
 whole cache: committed slots (< lengths[b]) are all visible, the new slots follow `mask_bnn`.
-Prefill is a causal mask over an empty cache; decoding one token is n = 1; verifying a token
-tree is n tree tokens under the tree's ancestor mask.
+Prefill is a causal mask over an empty cache, so its tokens attend among themselves only (the
+cache written all the same); decoding one token is n = 1; verifying a token tree is n tree tokens
+under the tree's ancestor mask.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 
 MASKED = -1e30  # finite, so that a fully masked row gives a uniform (unused) result instead of NaN
+CAUSAL_BLOCK = 128  # queries per block of a long causal pass on XLA (prefill): keys past a block are skipped
 
 
 def dot_product_attention(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
@@ -123,19 +125,37 @@ class Attention(nnx.Module):
 
     def __call__(self, x_bnd: jax.Array, positions_bn: jax.Array, visible_bnt: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None, lengths_b: jax.Array | None = None,
-                 causal: bool = False):
+                 causal: bool = False, among_new: bool = False):
         """Returns the attention output [B, n, d] and the layer's (keys, values) cache with the new K/V
         written. visible_bnt (from `visible_keys`): which of the n new keys, or of the cache's T
-        slots, each query sees. causal: without a cache, visible_bnt is exactly the causal mask, so
-        the Pallas impl may run flash attention (training, prefill) instead of the masked kernel."""
+        slots, each query sees. among_new: the cache holds nothing before these tokens (a prefill),
+        so they attend among themselves (visible_bnt is [B, n, n]) while their K/V are written.
+        causal: visible_bnt is exactly the causal mask among the new tokens, so without a cache the
+        Pallas impl may run flash attention (training) instead of the masked kernel, and a prefill on
+        XLA skips the key blocks above the diagonal."""
         b, n, _ = x_bnd.shape
         q, k, v = self.project_qkv(x_bnd, positions_bn)
         if kv is not None:
             kv = (write_rows(kv[0], k, lengths_b), write_rows(kv[1], v, lengths_b))
-            k, v = kv
+            if not among_new:
+                k, v = kv
         if causal and kv is None and self.config.attn_softcap is None and resolve_attention_impl(
                 self.config.attention_impl, kernel="flash_attention", head_dim=self.head_dim) == "pallas":
             out = flash_attention(q, k, v, causal=True)
+        elif (causal and among_new and n > CAUSAL_BLOCK
+              and resolve_attention_impl(self.config.attention_impl) == "xla"):
+            out = self.attend_causal_blocks(q, k, v, visible_bnt)
         else:
             out = self.attend(q, k, v, visible_bnt)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), kv
+
+    def attend_causal_blocks(self, q_bnhd, k_bnhd, v_bnhd, visible_bnn) -> jax.Array:
+        """Causal attention among n tokens, CAUSAL_BLOCK queries at a time, each block over the keys up
+        to its last query only: about half the work of the whole square, the same result."""
+        n = q_bnhd.shape[1]
+        outs = []
+        for start in range(0, n, CAUSAL_BLOCK):
+            stop = min(start + CAUSAL_BLOCK, n)
+            outs.append(self.attend(q_bnhd[:, start:stop], k_bnhd[:, :stop], v_bnhd[:, :stop],
+                                    visible_bnn[:, start:stop, :stop]))
+        return jnp.concatenate(outs, axis=1)

@@ -14,14 +14,16 @@ class ForwardContext:
 
     positions_bn: the new tokens' positions; mask_bnn: (query, key) among them; lengths_b: the
     cache's committed lengths (None without a cache); causal: mask_bnn is the default causal mask
-    (kinds with a faster causal path take it); duo_gates: see DuoAttention. Sliding windows are
-    per layer: each layer asks for its own (`visible(max_len, window)`), built once per window.
+    (kinds with a faster causal path take it); empty_cache: the cache holds nothing yet (a prefill),
+    so a layer may attend among the new tokens only while it writes their K/V; duo_gates: see
+    DuoAttention. Sliding windows are per layer: each layer asks for its own (`visible(max_len,
+    window)`), built once per window.
     """
 
     def __init__(self, positions_bn: jax.Array, mask_bnn: jax.Array, lengths_b: jax.Array | None, causal: bool,
-                 duo_gates: jax.Array | None = None):
+                 duo_gates: jax.Array | None = None, empty_cache: bool = False):
         self.positions_bn, self.mask_bnn, self.lengths_b = positions_bn, mask_bnn, lengths_b
-        self.causal = causal
+        self.causal, self.empty_cache = causal, empty_cache
         self.duo_gates = duo_gates  # [layers, Hkv] in [0, 1]: duo's gate optimisation (no cache)
         self._memo: dict = {}
 

@@ -34,8 +34,11 @@ class FullAttention(Attention):
             return out, None
         if isinstance(entry, StreamingEntry):
             return self.over_ring(x_bnd, ctx, entry)
-        out, (k, v) = super().__call__(x_bnd, ctx.positions_bn, ctx.visible(entry.max_len, window),
-                                       (entry.keys, entry.values), ctx.lengths_b)
+        # A prefill (nothing cached yet) attends among its own tokens, not over the empty slots after them.
+        among_new = ctx.empty_cache and window is None
+        visible = ctx.visible(None) if among_new else ctx.visible(entry.max_len, window)
+        out, (k, v) = super().__call__(x_bnd, ctx.positions_bn, visible, (entry.keys, entry.values), ctx.lengths_b,
+                                       causal=ctx.causal and among_new, among_new=among_new)
         return out, DenseEntry(keys=k, values=v)
 
     def over_ring(self, x_bnd: jax.Array, ctx: ForwardContext, ring: StreamingEntry):
