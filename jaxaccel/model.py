@@ -252,9 +252,9 @@ def run_layers(layers, x_bnd: jax.Array, positions_bn: jax.Array | None = None, 
         start_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
         positions_bn = start_b[:, None] + jnp.arange(n, dtype=jnp.int32)
     mask_bnn = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)) if mask is None else mask, (b, n, n))
+    # Each layer's attention applies its own window.
     ctx = ForwardContext(positions_bn, mask_bnn, None if cache is None else cache.lengths, causal=mask is None,
                          duo_gates=duo_gates, empty_cache=empty_cache and cache is not None)
-    # (each layer's attention applies its own window)
     entries, states = [], {}
     for i, layer in enumerate(layers):
         x_bnd, entry = layer(x_bnd, ctx, None if cache is None else cache.layers[i])

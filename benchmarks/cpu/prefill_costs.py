@@ -1,7 +1,8 @@
 """How much of a prefill is its weight products: the jitted prefill of an n-token prompt (as the
 decoders run it: cache of the prompt's bucket + --max-new-tokens) against a jitted chain of the same
-[n, K] x [K, N] products, XLA's GEMM, at the model's shapes. What is left is attention (over the
-whole cache length, masked), norms, RoPE and the cache writes.
+[n, K] x [K, N] products, XLA's GEMM, at the model's shapes. What is left is attention (among the
+prompt's tokens, in causal blocks past 128; over every cache slot before that change), norms, RoPE
+and the cache writes. Each figure is the best of three calls after a warm-up.
 
     PYTHONPATH=. python benchmarks/cpu/prefill_costs.py [--model smollm2-135m-instruct] [--lengths 64 256 1024]
 """
