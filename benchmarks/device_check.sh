@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the Pallas kernels in one call of a lent GPU machine (which holds jax, flax,
-# optax, orbax, pytest; the checkout runs from PYTHONPATH=., nothing is installed there):
+# optax, orbax, pytest; the checkout runs from PYTHONPATH=., nothing is installed there; gguf, which
+# it lacks, travels as a wheel in an ignored .whl/ and goes on PYTHONPATH first, e.g.
+# `pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site bash ...`):
 #   1. the kernel tests with the kernels compiled for the GPU (not the interpreter);
 #   2. python -m infer.kernel_bench: decode bandwidth / copy, flash FLOP/s / bf16 matmul;
 #   3. python -m infer.bench: the speculative table (ar, hydra, eagle) on the shipped small model,
@@ -8,6 +10,7 @@
 # Usage there: bash benchmarks/device_check.sh   (~8 min; JAX_PLATFORMS=cpu is a dry run here)
 # Results under $OUT (else runs/device), six files: device_check.log, kernels.json,
 # spec/spec_bench.{json,md}, ar_2gb/bench.{json,md}; the end of the output is a summary.
+# Those of an H200 are in benchmarks/h200/ (README, "On an H200").
 # Floors on an H200 (copy ~4.3 TB/s, bf16 matmul ~790 TFLOP/s as measured there before): decode
 # B=4, T=32768, Hkv=8, D=128 reads 537 MB of K/V -> 0.125 ms; causal flash B=1, T=4096, H=16,
 # D=128 is 68.7 GFLOP -> 0.087 ms. kernel_bench reports the measured fractions of both ceilings.
@@ -16,7 +19,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/device}
 mkdir -p "$out"
 log="$out/device_check.log"
-export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 status=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything, keep going
     local name=$1 limit=$2

@@ -6,9 +6,9 @@
 - grouped_matmul: MoE grouped matmul (`lax.ragged_dot` semantics)
 
 GPU: the kernels lower through Pallas's Triton lowering (checked by exporting for "cuda" on
-CPU, never run on a GPU here). TPU: each public function hands over to a Mosaic version —
-decode_attention_tpu and chunked_linear_attention_tpu (ours), splash attention and megablox
-(JAX's) — tested under the TPU interpreter (interpret=pltpu.InterpretParams()) and exported
+CPU; their tests pass compiled on an H200, benchmarks/h200/). TPU: each public function hands
+over to a Mosaic version — decode_attention_tpu and chunked_linear_attention_tpu (ours), splash
+attention and megablox (JAX's) — tested under the TPU interpreter (interpret=pltpu.InterpretParams()) and exported
 for "tpu" on CPU, never run on a TPU here. attention_impl="auto" means Pallas on GPU and TPU.
 """
 

@@ -6,9 +6,9 @@ mask `jaxaccel.layers.attention.visible_keys` already computes (committed slots 
 n new slots under the [n, n] tree mask, an optional sliding window). A streaming (sink + recent)
 cache is just a smaller T with its own mask, so the same kernel serves it.
 
-Layout of the work: one program per (batch row, kv head, split of T). The g = Hq / Hkv query heads
-that share a kv head are stacked with the n tokens into R = n * g rows, so each K/V block is read
-from memory once per kv head (GQA). Each program walks its split block by block with an online
+Layout of the work: one program per (batch row, kv head, block of rows, split of T). The g = Hq / Hkv
+query heads that share a kv head are stacked with the n tokens into R = n * g rows, so each K/V block
+is read from memory once per kv head (GQA) while R fits one block of rows (64: decoding and trees). Each program walks its split block by block with an online
 softmax and writes an unnormalised partial output plus its running max and sum; a combine step
 (plain JAX, tiny) merges the splits. Blocks at or past `kv_end_b[b]` (read off the mask, or given:
 lengths + n) are never visited, so a short row in a long cache costs only its own length. Rows R (and a
@@ -21,11 +21,12 @@ A query that sees no key at all (only padding rows) gets an unspecified finite v
 
 Hardware: GPU through Pallas's Triton lowering (compiler params from `_common.compiler_params`;
 jax 0.10's default Mosaic GPU lowering wants warpgroup-style kernels). The lowering to Triton IR
-is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); it has not been
-compiled to PTX nor run on a GPU. Triton wants a power-of-two head_dim (smaller than 16 is padded).
-TPU: `decode_attention` hands over to `decode_attention_tpu` (pallas_kernels/decode_attention_tpu.py:
-128-lane blocks of whole kv heads, scalar-prefetched lengths), tested under the TPU interpreter and
-exported for "tpu" on CPU, not run on a TPU. Correctness was checked in interpret mode on CPU only.
+is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); on an H200 (jax 0.11.2)
+the tests passed with the kernel compiled for the GPU (benchmarks/h200/kernel_tests.log). Triton
+wants a power-of-two head_dim (smaller than 16 is padded) and tiles that fit in shared memory
+(`_fits_shared_memory`). TPU: `decode_attention` hands over to `decode_attention_tpu`
+(pallas_kernels/decode_attention_tpu.py: 128-lane blocks of whole kv heads, scalar-prefetched
+lengths), tested under the TPU interpreter and exported for "tpu" on CPU, not run on a TPU.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def decode_attention_reference(q_bnhd: jax.Array, k_bthd: jax.Array, v_bthd: jax
 
 def _decode_kernel(end_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref, l_ref, *,
                    block_t: int, split_len: int, seq_len: int, scale: float):
-    """One (row b, kv head h, split s): online softmax over the split's blocks below kv_end."""
-    split_start = pl.program_id(2) * split_len
+    """One (row b, kv head h, row block r, split s): online softmax over the split's blocks below kv_end."""
+    split_start = pl.program_id(3) * split_len
     visible_in_split = end_ref[0] - split_start
     num_blocks = jnp.clip((visible_in_split + block_t - 1) // block_t, 0, split_len // block_t)
     q_rd = q_ref[...]
@@ -121,6 +122,19 @@ def _check_args(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b):
         raise KernelArgumentError(f"kv_end_b must be [B] = ({b},), got {kv_end_b.shape}")
 
 
+# One program's tiles must fit the GPU's shared memory (227 KiB on Hopper), and what Triton asks for
+# grows with the key block: measured on an H200 (benchmarks/h200/decode_tiles.py, its table in
+# benchmarks/h200/decode_tiles.json), every tile compiled whose K block (block_t x head_dim) held at
+# most 32 KiB, or 64 KiB for a 16-bit cache with at most 32 rows; larger ones asked for 228-848 KiB.
+# Many rows (a prefill's n * g, a wide tree) are split into blocks of 64, each its own program.
+MAX_ROWS_PER_PROGRAM = 64
+
+
+def _fits_shared_memory(rows: int, block_t: int, d: int, itemsize: int) -> bool:
+    k_block_bytes = block_t * d * itemsize
+    return k_block_bytes <= (64 if itemsize <= 2 and rows <= 32 else 32) * 1024
+
+
 def _next_power_of_2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
@@ -132,7 +146,11 @@ def _decode_attention_pallas(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b, *, b
     g = hq // hkv
     rows = n * g
     rows_pad = max(16, _next_power_of_2(rows))  # Triton dots want power-of-two tiles of >= 16
+    rows_blk = min(rows_pad, MAX_ROWS_PER_PROGRAM)
     block_t = max(16, min(block_t, _next_power_of_2(t)))
+    itemsize = max(jnp.dtype(k_bthd.dtype).itemsize, jnp.dtype(q_bnhd.dtype).itemsize)
+    while block_t > 16 and not _fits_shared_memory(rows_blk, block_t, max(d, 16), itemsize):
+        block_t //= 2
     if d < 16:  # toy head sizes only: zero columns change no dot product (the scale keeps d)
         q_bnhd, k_bthd, v_bthd = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 16 - d))) for x in (q_bnhd, k_bthd, v_bthd))
     d_pad = max(d, 16)
@@ -154,18 +172,18 @@ def _decode_attention_pallas(q_bnhd, k_bthd, v_bthd, visible_bnt, kv_end_b, *, b
     kernel = functools.partial(_decode_kernel, block_t=block_t, split_len=split_len, seq_len=t, scale=d**-0.5)
     o_bksrd, m_bksr, l_bksr = pl.pallas_call(
         kernel,
-        grid=(b, hkv, splits),
+        grid=(b, hkv, rows_pad // rows_blk, splits),
         in_specs=[
-            pl.BlockSpec((1,), lambda i, h, s: (i,)),
-            pl.BlockSpec((None, None, rows_pad, d_pad), lambda i, h, s: (i, h, 0, 0)),
-            pl.BlockSpec((None, split_len, None, d_pad), lambda i, h, s: (i, s, h, 0)),
-            pl.BlockSpec((None, split_len, None, d_pad), lambda i, h, s: (i, s, h, 0)),
-            pl.BlockSpec((None, None, rows_pad, split_len), lambda i, h, s: (i, h if per_head else 0, 0, s)),
+            pl.BlockSpec((1,), lambda i, h, r, s: (i,)),
+            pl.BlockSpec((None, None, rows_blk, d_pad), lambda i, h, r, s: (i, h, r, 0)),
+            pl.BlockSpec((None, split_len, None, d_pad), lambda i, h, r, s: (i, s, h, 0)),
+            pl.BlockSpec((None, split_len, None, d_pad), lambda i, h, r, s: (i, s, h, 0)),
+            pl.BlockSpec((None, None, rows_blk, split_len), lambda i, h, r, s: (i, h if per_head else 0, r, s)),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, rows_pad, d_pad), lambda i, h, s: (i, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rows_pad), lambda i, h, s: (i, h, s, 0)),
-            pl.BlockSpec((None, None, None, rows_pad), lambda i, h, s: (i, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows_blk, d_pad), lambda i, h, r, s: (i, h, s, r, 0)),
+            pl.BlockSpec((None, None, None, rows_blk), lambda i, h, r, s: (i, h, s, r)),
+            pl.BlockSpec((None, None, None, rows_blk), lambda i, h, r, s: (i, h, s, r)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((b, hkv, splits, rows_pad, d_pad), jnp.float32),

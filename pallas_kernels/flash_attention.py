@@ -19,8 +19,8 @@ prefill, which is why the decode kernel does not do it). Scores and softmax in f
 
 Hardware: GPU through Pallas's Triton lowering (compiler params from `_common.compiler_params`;
 jax 0.10's default Mosaic GPU lowering wants warpgroup-style kernels). The lowering to Triton IR
-is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); it has not been
-compiled to PTX nor run on a GPU. TPU: `flash_attention` hands over to `flash_attention_tpu`,
+is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); on an H200 (jax 0.11.2)
+the tests passed with the kernel compiled for the GPU (benchmarks/h200/kernel_tests.log). TPU: `flash_attention` hands over to `flash_attention_tpu`,
 which wraps JAX's splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`, its own
 forward and backward) with the same mask; tested in interpret mode on CPU, not run on a TPU.
 Correctness was checked in interpret mode on CPU only.

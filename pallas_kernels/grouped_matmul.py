@@ -14,8 +14,8 @@ they are: pick tiles that divide them).
 
 Hardware: GPU through Pallas's Triton lowering (compiler params from `_common.compiler_params`;
 jax 0.10's default Mosaic GPU lowering wants warpgroup-style kernels). The lowering to Triton IR
-is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); it has not been
-compiled to PTX nor run on a GPU. TPU: `grouped_matmul` hands over to `grouped_matmul_tpu`,
+is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); on an H200 (jax 0.11.2)
+the tests passed with the kernel compiled for the GPU (benchmarks/h200/kernel_tests.log). TPU: `grouped_matmul` hands over to `grouped_matmul_tpu`,
 which wraps JAX's own TPU kernel (`jax.experimental.pallas.ops.tpu.megablox.gmm`) and zeroes the
 rows past sum(group_sizes) that it leaves unwritten; tested in interpret mode on CPU, not run on
 a TPU. Correctness was checked in interpret mode on CPU only.

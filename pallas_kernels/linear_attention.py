@@ -18,8 +18,8 @@ form (`chunked_linear_attention_reference`) — documented and tested, not a ker
 
 Hardware: GPU through Pallas's Triton lowering (compiler params from `_common.compiler_params`;
 jax 0.10's default Mosaic GPU lowering wants warpgroup-style kernels). The lowering to Triton IR
-is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); it has not been
-compiled to PTX nor run on a GPU. TPU: the forward hands over to `chunked_linear_attention_tpu`
+is checked on CPU by exporting for "cuda" (tests/test_pallas_lowering.py); on an H200 (jax 0.11.2)
+the tests passed with the kernel compiled for the GPU (benchmarks/h200/kernel_tests.log). TPU: the forward hands over to `chunked_linear_attention_tpu`
 (pallas_kernels/linear_attention_tpu.py: [B, H, T, D] blocks, chunk_size a multiple of 8),
 tested under the TPU interpreter and exported for "tpu" on CPU, not run on a TPU. Correctness
 was checked in interpret mode on CPU only.

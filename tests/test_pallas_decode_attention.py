@@ -35,12 +35,13 @@ def random_case(seed, b, n, hq, hkv, d, t, dtype=jnp.float32, sliding_window=Non
 
 
 # (b, n, hq, hkv, d, t, block_t, num_splits): n = 1 decoding, n = tree size, GQA 1/2/4,
-# T not a multiple of the block, more splits than blocks, one split
+# T not a multiple of the block, more splits than blocks, one split, more rows (n * g) than one program takes
 SHAPES = [
     (3, 1, 4, 2, 16, 37, 8, 3),
     (2, 6, 8, 2, 16, 50, 16, 2),
     (2, 4, 4, 4, 8, 29, 32, 4),
     (1, 3, 4, 1, 16, 64, 8, 1),
+    (1, 40, 4, 2, 16, 90, 16, 2),
 ]
 
 
