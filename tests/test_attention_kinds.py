@@ -143,6 +143,17 @@ def layer_and_inputs(kind, seed=0):
 
 
 @jax.jit
+def _run_layer(graphdef, state, x_bnd, positions_bn, lengths_b, mask_bnn, entry):
+    return nnx.merge(graphdef, state)(x_bnd, context(positions_bn, lengths_b, mask_bnn), entry)
+
+
+def run_layer(layer, x_bnd, positions_bn, lengths_b=None, mask_bnn=None, entry=None):
+    """layer(x, context(...), entry) compiled as one program (eager, every op compiles on its own)."""
+    graphdef, state = nnx.split(layer)
+    return _run_layer(graphdef, state, x_bnd, positions_bn, lengths_b, mask_bnn, entry)
+
+
+@jax.jit
 def _decode_one(graphdef, state, x_b1d, entry, lengths_b):
     out, entry = nnx.merge(graphdef, state)(x_b1d, context(lengths_b[:, None], lengths_b), entry)
     return out, entry.advance(lengths_b, jnp.ones_like(lengths_b))
@@ -164,7 +175,7 @@ def prefill(layer, config, x_btd, prompt=PROMPT, max_len=T + 8, count_b=None):
     entry = KINDS[config.layer_kind(0)].create_entry(config, 0, x_btd.shape[0], max_len, jnp.float32)
     lengths = jnp.zeros((x_btd.shape[0],), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(prompt), (x_btd.shape[0], prompt))
-    out, entry = layer(x_btd[:, :prompt], context(positions, lengths), entry)
+    out, entry = run_layer(layer, x_btd[:, :prompt], positions, lengths, entry=entry)
     count_b = jnp.full_like(lengths, prompt) if count_b is None else jnp.asarray(count_b, jnp.int32)
     return out, entry.advance(lengths, count_b), lengths + count_b
 
@@ -174,7 +185,7 @@ def test_training_prefill_and_decode_match_dense_reference(kind):
     config, layer, x_btd = layer_and_inputs(kind)
     reference = reference_layer(layer, kind, x_btd, decode_from=PROMPT)
     positions = jnp.broadcast_to(jnp.arange(T), (2, T))
-    train, _ = layer(x_btd, context(positions))
+    train, _ = run_layer(layer, x_btd, positions)
     train_reference = reference_layer(layer, kind, x_btd) if kind == "block_sparse" else reference
     np.testing.assert_allclose(train, train_reference, atol=2e-4, rtol=1e-3)
     prompt_out, entry, lengths = prefill(layer, config, x_btd)
@@ -221,7 +232,7 @@ def test_tree_verify_and_keep_equal_decoding_the_path(kind):
     depth = mask.sum(1) - 1
     x_tree = jax.random.normal(jax.random.key(7), (2, len(PARENTS), config.hidden_size)) * 2
     positions = lengths[:, None] + jnp.asarray(depth)
-    tree_out, tree_entry = layer(x_tree, context(positions, lengths, jnp.asarray(mask)), entry)
+    tree_out, tree_entry = run_layer(layer, x_tree, positions, lengths, jnp.asarray(mask), entry)
     for node in range(len(PARENTS)):
         path = path_to(node)
         chain, _, _ = decode_steps(layer, entry, lengths, x_tree[:, path], 0)
@@ -335,8 +346,9 @@ def test_hybrid_model_decoding_matches_training_with_full_budget(kinds):
     model = Transformer(ModelConfig(**BASE, attention=spec), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     tokens = jax.random.randint(jax.random.key(2), (2, 30), 0, BASE["vocab_size"])
-    expected = model(tokens)
-    out = model.prefill(tokens[:, :9], jnp.array([9, 9]), KVCache.create(model.config, 2, 40))
+    expected = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))(state, tokens)
+    out = jax.jit(lambda state, tokens, lengths, cache: nnx.merge(graphdef, state).prefill(tokens, lengths, cache))(
+        state, tokens[:, :9], jnp.array([9, 9]), KVCache.create(model.config, 2, 40))
 
     @jax.jit
     def step(state, token_b1, cache):
@@ -442,6 +454,6 @@ def test_block_sparse_gathered_decode_equals_masked_path(monkeypatch):
     monkeypatch.setattr(block_sparse, "SPARSE_DECODE_MAX_NEW", 0)
     masked_prompt, entry, lengths = prefill(layer, config, x_btd, prompt=27, count_b=[27, 20])
     positions = lengths[:, None] + jnp.arange(4)
-    masked, _ = layer(x_btd[:, 27:31], context(positions, lengths), entry)  # 4 new tokens, causal
+    masked, _ = run_layer(layer, x_btd[:, 27:31], positions, lengths, entry=entry)  # 4 new tokens, causal
     np.testing.assert_allclose(gathered_prompt, masked_prompt, atol=2e-4, rtol=1e-3)
     np.testing.assert_allclose(gathered, masked, atol=2e-4, rtol=1e-3)

@@ -4,6 +4,7 @@ refused for answers of another model."""
 import jax.numpy as jnp
 import numpy as np
 from chat_models import build_chat_model
+from flax import nnx
 
 from jaxaccel.hf import load_hf
 from jaxaccel.model import run_layers
@@ -33,12 +34,13 @@ def test_cached_features_equal_a_fresh_forward_and_a_rerun_keeps_them(tmp_path, 
     assert [s.name for s in shards] == ["features-00000", "features-00001"]
 
     model = load_hf(model_dir)
+    fresh_features = nnx.jit(layer_features, static_argnums=2)  # one compile a length, not one per op
     shard = read_shard(shards[0])
     starts, tokens = shard["starts"], shard["tokens"]
     assert len(shard["meta"]["keys"]) == len(starts) - 1 == len(shard["prompt_lens"])
     for r in range(len(starts) - 1):
         seq = jnp.asarray(tokens[starts[r]:starts[r + 1]])[None]
-        fresh_layers, fresh_hidden = layer_features(model, seq, tuple(shard["meta"]["feature_layers"]))
+        fresh_layers, fresh_hidden = fresh_features(model, seq, tuple(shard["meta"]["feature_layers"]))
         cached_hidden = np.asarray(shard["hidden"][starts[r]:starts[r + 1]], np.float32)
         cached_layers = np.asarray(shard["layers"][starts[r]:starts[r + 1]], np.float32)
         np.testing.assert_allclose(cached_hidden, fresh_hidden[0], rtol=2e-3, atol=2e-3)  # float16 on disk

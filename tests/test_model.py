@@ -40,6 +40,12 @@ def last_logits(model, seqs):
     return np.stack([logits[r, len(s) - 1] for r, s in enumerate(seqs)])
 
 
+# The model's passes compiled whole: eager, every op of the forward compiles on its own.
+forward = nnx.jit(lambda model, tokens, positions=None, cache=None, mask=None:
+                  model.forward(tokens, positions, cache=cache, mask=mask))
+prefill = nnx.jit(lambda model, tokens, lengths, cache: model.prefill(tokens, lengths, cache))
+
+
 def path_to(parent, i):
     path = []
     while i >= 0:
@@ -60,8 +66,8 @@ def test_tree_verify_and_keep_match_full_forward(name):
     tree_tokens = rng.integers(0, config.vocab_size, (3, n)).astype(np.int32)
     positions = (lengths[:, None] + depth[None, :]).astype(np.int32)
 
-    cache = model.prefill(prompts, lengths, KVCache.create(config, 3, 24)).cache
-    out = model.forward(tree_tokens, positions, cache=cache, mask=mask)
+    cache = prefill(model, prompts, lengths, KVCache.create(config, 3, 24)).cache
+    out = forward(model, tree_tokens, positions, cache, mask)
 
     for b in range(3):
         want = last_logits(model, [np.concatenate([prompts[b, :lengths[b]], tree_tokens[b, path_to(parent, i)]])
@@ -78,7 +84,7 @@ def test_tree_verify_and_keep_match_full_forward(name):
     kept = out.cache.keep(offsets, count)
     np.testing.assert_array_equal(np.asarray(kept.lengths), lengths + count)
     nxt = rng.integers(0, config.vocab_size, (3, 1)).astype(np.int32)
-    step = model.forward(nxt, cache=kept)
+    step = forward(model, nxt, cache=kept)
     want = last_logits(model, [np.concatenate([prompts[b, :lengths[b]], tree_tokens[b, paths[b]], nxt[b]])
                                for b in range(3)])
     np.testing.assert_allclose(np.asarray(step.logits[:, 0]), want, atol=2e-5, rtol=0)
@@ -88,11 +94,11 @@ def test_decoding_one_token_at_a_time_matches_full_forward():
     config = CONFIGS["gqa"]
     model = Transformer(config, rngs=nnx.Rngs(3))
     tokens = np.random.default_rng(5).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
-    full = np.asarray(model(tokens))
-    out = model.prefill(tokens[:, :4], np.array([4, 4]), KVCache.create(config, 2, 16))
+    full = np.asarray(forward(model, tokens).logits)
+    out = prefill(model, tokens[:, :4], np.array([4, 4]), KVCache.create(config, 2, 16))
     cache, logits = out.cache, [np.asarray(out.logits)]
     for t in range(4, 12):
-        step = model.forward(tokens[:, t:t + 1], cache=cache)
+        step = forward(model, tokens[:, t:t + 1], cache=cache)
         cache = step.cache.advance(np.ones(2, np.int32))
         logits.append(np.asarray(step.logits))
     np.testing.assert_allclose(np.concatenate(logits, axis=1), full, atol=2e-5, rtol=0)
@@ -178,17 +184,17 @@ def test_decode_layout_gives_the_same_logits_and_is_not_a_param(panels, monkeypa
     assert len(jax.tree.leaves(nnx.state(fast, nnx.Param))) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
     tokens = np.random.default_rng(11).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
     for n in (1, 5, 12):  # 2, 10 and 24 rows: the last past the kernel's 16
-        np.testing.assert_allclose(np.asarray(fast.forward(tokens[:, :n]).logits),
-                                   np.asarray(model.forward(tokens[:, :n]).logits), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(forward(fast, tokens[:, :n]).logits),
+                                   np.asarray(forward(model, tokens[:, :n]).logits), rtol=1e-5, atol=1e-5)
     lengths = np.array([7, 4], np.int32)  # then 3 tokens over a cache (rows of unequal lengths)
-    over_cache = [m.forward(tokens[:, 8:11], cache=m.prefill(tokens[:, :8], lengths, KVCache.create(config, 2, 24)).cache)
+    over_cache = [forward(m, tokens[:, 8:11], cache=prefill(m, tokens[:, :8], lengths, KVCache.create(config, 2, 24)).cache)
                   .logits for m in (fast, model)]
     np.testing.assert_allclose(*map(np.asarray, over_cache), rtol=1e-5, atol=1e-5)
     untied_model = Transformer(dataclasses.replace(CONFIGS["qknorm_window_bias"], vocab_size=64), rngs=nnx.Rngs(3))
     untied = decode_layout(untied_model)  # an LM head of its own, projections with biases
     if panels:
         assert isinstance(untied.lm_head.panels, DecodeCopy) and untied.lm_panels is None
-        np.testing.assert_allclose(np.asarray(untied.forward(tokens[:, :3]).logits),
-                                   np.asarray(untied_model.forward(tokens[:, :3]).logits), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(forward(untied, tokens[:, :3]).logits),
+                                   np.asarray(forward(untied_model, tokens[:, :3]).logits), rtol=1e-5, atol=1e-5)
     else:
         assert untied is untied_model
