@@ -10,8 +10,18 @@ from scipy import stats
 
 from jaxaccel.decoding.sampling import Greedy, Sampler
 from jaxaccel.decoding.tree import DynamicTree, Tree, TreeBatch
-from jaxaccel.decoding.verify import TypicalAcceptance, verify_tree
+from jaxaccel.decoding.verify import TypicalAcceptance
+from jaxaccel.decoding.verify import verify_tree as verify_tree_eagerly
 from jaxaccel.drafters import RECORDS
+
+# Compiled once per tree and policy (static: hashable dataclasses; a TreeBatch is traced): eager, every
+# op of a verification compiles on its own.
+_verify_static_tree = jax.jit(verify_tree_eagerly, static_argnums=(0, 3))
+_verify_tree_batch = jax.jit(verify_tree_eagerly, static_argnums=(3,))
+
+
+def verify_tree(tree, *args):
+    return (_verify_static_tree if isinstance(tree, Tree) else _verify_tree_batch)(tree, *args)
 
 
 def named_tree(name):
