@@ -8,9 +8,9 @@ cache is just a smaller T with its own mask, so the same kernel serves it.
 
 Layout of the work: one program per (batch row, kv head, block of rows, split of T). The g = Hq / Hkv
 query heads that share a kv head are stacked with the n tokens into R = n * g rows, so each K/V block
-is read from memory once per kv head (GQA) while R fits one block of rows (64: decoding and trees). Each program walks its split block by block with an online
-softmax and writes an unnormalised partial output plus its running max and sum; a combine step
-(plain JAX, tiny) merges the splits. Blocks at or past `kv_end_b[b]` (read off the mask, or given:
+is read from memory once per kv head (GQA) while R fits one block of rows (64: decoding and trees).
+Each program walks its split block by block with an online softmax and writes an unnormalised
+partial output plus its running max and sum; a combine step (plain JAX, tiny) merges the splits. Blocks at or past `kv_end_b[b]` (read off the mask, or given:
 lengths + n) are never visited, so a short row in a long cache costs only its own length. Rows R (and a
 head_dim below 16) are padded to power-of-two tiles of at least 16, Triton's smallest dot; the
 cache is not padded along T (an edge block's slots past T are masked instead).

@@ -30,20 +30,20 @@ def random_tree(rng, n):
     return parent, mask, depth
 
 
+# The model's passes compiled whole: eager, every op of the forward compiles on its own.
+forward = nnx.jit(lambda model, tokens, positions=None, cache=None, mask=None:
+                  model.forward(tokens, positions, cache=cache, mask=mask))
+prefill = nnx.jit(lambda model, tokens, lengths, cache: model.prefill(tokens, lengths, cache))
+
+
 def last_logits(model, seqs):
     """Full causal forward of each sequence (one batched call, right-padded): logits at its last token."""
     width = max(len(s) for s in seqs)
     batch = np.zeros((len(seqs), width), np.int32)
     for r, s in enumerate(seqs):
         batch[r, :len(s)] = s
-    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, batch))  # one compile, not one per eager op
+    logits = np.asarray(forward(model, batch).logits)
     return np.stack([logits[r, len(s) - 1] for r, s in enumerate(seqs)])
-
-
-# The model's passes compiled whole: eager, every op of the forward compiles on its own.
-forward = nnx.jit(lambda model, tokens, positions=None, cache=None, mask=None:
-                  model.forward(tokens, positions, cache=cache, mask=mask))
-prefill = nnx.jit(lambda model, tokens, lengths, cache: model.prefill(tokens, lengths, cache))
 
 
 def path_to(parent, i):
@@ -118,18 +118,18 @@ def test_prefill_attends_among_its_tokens_as_a_pass_over_the_whole_cache_does(na
     for r, n in enumerate(lengths):
         tokens[r, :n] = rng.integers(0, config.vocab_size, n)
     cache = KVCache.create(config, 3, int(lengths.max()) + 40)
-    prefill = nnx.jit(lambda m, t, c: m.prefill(t, lengths, c))(model, tokens, cache)
-    over_all = nnx.jit(lambda m, t, c: m.forward(t, cache=c))(model, tokens, cache)
+    prefilled = prefill(model, tokens, lengths, cache)
+    over_all = forward(model, tokens, cache=cache)
     rows = np.arange(3)
-    last = np.asarray(prefill.logits)[rows, lengths - 1]
+    last = np.asarray(prefilled.logits)[rows, lengths - 1]
     np.testing.assert_allclose(last, np.asarray(over_all.logits)[rows, lengths - 1], atol=1e-5, rtol=0)
     np.testing.assert_allclose(last, last_logits(model, [tokens[r, :n] for r, n in enumerate(lengths)]),
                                atol=2e-5, rtol=0)
     committed = over_all.cache.advance(lengths)  # as prefill does (a ring commits its pending K/V)
-    for got, want in zip(jax.tree.leaves(prefill.cache.layers), jax.tree.leaves(committed.layers)):
+    for got, want in zip(jax.tree.leaves(prefilled.cache.layers), jax.tree.leaves(committed.layers)):
         for r, n in enumerate(lengths):  # the prompt's K/V in the cache; padding slots are overwritten later
             np.testing.assert_allclose(np.asarray(got)[r, :n], np.asarray(want)[r, :n], atol=1e-5, rtol=0)
-    assert np.array_equal(np.asarray(prefill.cache.lengths), lengths)
+    assert np.array_equal(np.asarray(prefilled.cache.lengths), lengths)
 
 
 def test_sequence_longer_than_cache_or_context():

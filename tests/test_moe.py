@@ -81,6 +81,10 @@ def random_x(seed, shape=(3, 7, 32)):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
+# A block's pass compiled whole: eager, every op compiles on its own.
+run_block = nnx.jit(lambda block, x_btd: block(x_btd))
+
+
 @pytest.mark.parametrize("spec", [
     dict(num_experts=4, top_k=2),
     dict(num_experts=6, top_k=3, router="sigmoid", shared_intermediate_size=24, shared_expert_gate=True),
@@ -91,7 +95,7 @@ def random_x(seed, shape=(3, 7, 32)):
 def test_dropless_equals_reference_loop(spec):
     block = moe_block(len(spec), **spec)
     x_btd = random_x(spec["num_experts"])
-    got = np.asarray(nnx.jit(lambda b, x: b(x))(block, x_btd)).reshape(-1, 32)  # one compile, not one per op
+    got = np.asarray(run_block(block, x_btd)).reshape(-1, 32)
     want, dropped = reference_moe(block, np.asarray(x_btd, np.float64).reshape(-1, 32))
     assert dropped == 0
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
@@ -104,21 +108,20 @@ def test_capacity_path_equals_reference_and_counts_drops():
     n = x_nd.shape[0]
 
     # Ample capacity (every expert can take every token): the dropless result, nothing dropped.
-    run = nnx.jit(lambda block, x: block(x))  # one compile per block, not one per eager op
     ample = moe_block(3, **spec, capacity_factor=2.0)
     assert capacity(n, 2, 4, 2.0) >= n
     want, dropped = reference_moe(ample, x_nd)
     assert dropped == 0
-    np.testing.assert_allclose(np.asarray(run(ample, x_btd)).reshape(n, 32), want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(run_block(ample, x_btd)).reshape(n, 32), want, atol=2e-5, rtol=1e-4)
     dropless = moe_block(3, **{**spec, "dispatch": "dropless"})
-    np.testing.assert_allclose(np.asarray(run(dropless, x_btd)), np.asarray(run(ample, x_btd)), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(run_block(dropless, x_btd)), np.asarray(run_block(ample, x_btd)), atol=1e-5, rtol=0)
 
     # Tight capacity: the same choices as the reference are dropped, and the drops are reported.
     tight = moe_block(3, **spec, capacity_factor=0.5)
     rows = capacity(n, 2, 4, 0.5)
     want, dropped = reference_moe(tight, x_nd, capacity_rows=rows)
     assert dropped >= n * 2 - 4 * rows > 0
-    np.testing.assert_allclose(np.asarray(run(tight, x_btd)).reshape(n, 32), want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(run_block(tight, x_btd)).reshape(n, 32), want, atol=2e-5, rtol=1e-4)
     model = Transformer(ModelConfig(**BASE, moe=MoESpec(**spec, capacity_factor=0.5)), rngs=nnx.Rngs(0))
     tokens = np.random.default_rng(0).integers(0, 50, (2, 9)).astype(np.int32)
     _, stats = nnx.jit(next_token_nll_and_moe_stats)(model, tokens)
