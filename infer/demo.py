@@ -14,8 +14,10 @@ see `python -m infer.models`); its prompts are a handful of Spec-Bench questions
 first turn, through the model's chat template). The `small` model's prompts are test-split
 snippets of its corpus (never trained on). Each prompt is decoded at batch 1 by the
 autoregressive loop and by the speculative loop with each heads directory, with each --drafter
-(default: prompt lookup, `pld:depth=2`) and with their union (the heads' tree and the drafter's
-chains verified together: on Spec-Bench the best SmolLM2 row), in one run on the same weights.
+(default: REST + prompt lookup, `rest+pld:depth=3`, for a model whose own answers are committed
+as REST's corpus — SmolLM2: on Spec-Bench its best row —, else prompt lookup, `pld:depth=2`) and
+with their union (the heads' tree and the drafter's chains verified together), in one run on the
+same weights.
 The table gives tokens/s (compilation excluded), mean accepted tokens (tokens per base forward pass), speedup vs autoregressive and, at temperature 0, whether every token equals
 autoregressive decoding's; then one prompt and its answer. Compiled programs are kept in JAX's
 persistent cache (see jaxaccel/compilation_cache.py), so only the first run pays for compilation.
@@ -36,7 +38,10 @@ from jaxaccel.pretrained import SHIPPED_DIR, SHIPPED_KINDS, ShippedFilesError
 
 EXIT_BAD_INPUT = 2
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DRAFTER = "pld:depth=2"  # prompt lookup: no training; with shipped heads, also their union
+# Training-free; with shipped heads, also their union. REST needs the model's own answers (committed
+# for SmolLM2); six nodes are what a CPU verify pass affords at about the cost of one row.
+DEFAULT_DRAFTER = "pld:depth=2"
+DEFAULT_DRAFTER_WITH_CORPUS = "rest+pld:depth=3"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=Path, action="append", default=[],
                    help="heads directory, repeatable (default: the heads shipped for the model, if any)")
     p.add_argument("--drafter", action="append", help="training-free drafter NAME[:key=value,...], repeatable "
-                   f"(pld, recycling; `python -m infer.drafters` lists them; default {DEFAULT_DRAFTER}; none: no drafter)")
+                   f"(pld, recycling; `python -m infer.drafters` lists them; default {DEFAULT_DRAFTER_WITH_CORPUS} for a "
+                   f"model whose answers REST finds, else {DEFAULT_DRAFTER}; none: no drafter)")
     p.add_argument("--questions", type=Path, help="Spec-Bench question file for chat models (default: the "
                    "shared question.jsonl)")
     p.add_argument("--tree", default="auto", help="auto (the heads' tuned tree.json, else the kind's default) | "
@@ -74,8 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ship.add_argument("--kinds", nargs="+", default=list(SHIPPED_KINDS), help="heads kinds to ship")
     ship.add_argument("--shipped-dir", type=Path, default=SHIPPED_DIR, help=argparse.SUPPRESS)  # tests
     args = p.parse_args(argv)
-    args.drafter = [d for d in args.drafter or [DEFAULT_DRAFTER] if d != "none"]
     return args
+
+
+def default_drafter(model_dir: Path) -> str:
+    """REST + prompt lookup where REST finds the model's own committed answers, else prompt lookup."""
+    from jaxaccel.drafters.rest import recorded_options
+
+    return DEFAULT_DRAFTER_WITH_CORPUS if recorded_options(model_dir) else DEFAULT_DRAFTER
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -164,6 +176,7 @@ def demo(args: argparse.Namespace) -> dict:
 
     began = time.perf_counter()
     model_dir, heads_dirs, manifest = resolve_inputs(args)
+    args.drafter = [d for d in args.drafter or [default_drafter(model_dir)] if d != "none"]
     model = load_hf(model_dir)
     tokenizer = load_model_tokenizer(model_dir)
     prompts, shown_prompts, turn_end = make_demo_prompts(args, model_dir, tokenizer, model.config.vocab_size,

@@ -96,8 +96,8 @@ def test_demo_default_is_smollm2_answering_a_spec_bench_question(tmp_path):
     assert proc.stdout.startswith(f"model: {Path.home()}") or "smollm2-135m-instruct" in proc.stdout
     report = json.loads((tmp_path / "demo.json").read_text())
     assert report["chat"] and report["rows"][0]["identical_to_ar"] is True
-    # The heads shipped for it (jaxaccel/pretrained/smollm2-135m-instruct) are found; they, prompt lookup
-    # and their union decode identically.
-    assert [r["method"] for r in report["rows"]] == ["ar", "eagle3", "pld:depth=2", "eagle3+pld:depth=2"]
+    # The heads shipped for it (jaxaccel/pretrained/smollm2-135m-instruct) are found, and so are its committed
+    # answers, REST's corpus; the heads, REST + prompt lookup and their union decode identically.
+    assert [r["method"] for r in report["rows"]] == ["ar", "eagle3", "rest+pld:depth=3", "eagle3+rest+pld:depth=3"]
     assert all(r["identical_to_ar"] is True for r in report["rows"])
     assert len(report["sample"]["completion"].split()) >= 3, report["sample"]

@@ -87,3 +87,13 @@ def test_a_batch_carries_each_tokens_latest_ranking():
         np.testing.assert_array_equal(carried.table_vk[v], table[row, v])
         assert carried.stamp_v[v] == stamp[row, v]
     assert int(carried.clock) == 20
+
+
+def test_nodes_sizes_the_default_tree():
+    """`recycling:nodes=N`: the best N-node tree under the default acceptance guess (a small tree
+    for a CPU, where a verify pass over a few rows costs about what one row does)."""
+    assert make_drafter("recycling").tree.num_nodes == 24
+    small = make_drafter("recycling:nodes=6").tree
+    assert small.num_nodes == 6 and small.paths[:2] == ((0,), (1,)) and (0, 0) in small.paths
+    with pytest.raises(ValueError, match="at least 2 nodes"):
+        make_drafter("recycling:nodes=1")

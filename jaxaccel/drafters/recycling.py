@@ -98,10 +98,20 @@ class TokenRecycling:
                               stamp_bv=state.stamp_bv.at[rows_b1, nodes_bn].set(clock), clock=clock)
 
 
-# The tree with the most expected accepted tokens for 24 nodes if rank r at any depth is accepted
-# with probability 0.6 * 0.5**r (a guess: tune it like any rank tree).
-DEFAULT_TREE = Tree.from_acceptance(0.6 * 0.5 ** np.arange(4)[None].repeat(6, axis=0), 24)
+def default_tree(nodes: int = 24) -> Tree:
+    """The tree with the most expected accepted tokens for `nodes` nodes if rank r at any depth is
+    accepted with probability 0.6 * 0.5**r (a guess: tune it like any rank tree)."""
+    if nodes < 2:
+        raise ValueError(f"recycling needs a tree of at least 2 nodes, got nodes={nodes}")
+    return Tree.from_acceptance(0.6 * 0.5 ** np.arange(4)[None].repeat(6, axis=0), nodes)
+
+
+def make(tree, module, nodes: int | None = None) -> TokenRecycling:
+    if tree is not None and nodes is not None:
+        raise ValueError("recycling takes a tree or nodes=N, not both")
+    return TokenRecycling(tree if tree is not None else default_tree(24 if nodes is None else nodes))
+
 
 RECORD = DrafterRecord(
     name="recycling", summary="Token Recycling: walk a table of the base's own past top-k candidates (training-free)",
-    make=lambda tree, module: TokenRecycling(tree), default_tree=DEFAULT_TREE)
+    make=make, options=("nodes",))

@@ -1,0 +1,222 @@
+"""What REST + prompt lookup would accept along the model's own greedy answers to Spec-Bench, for
+any chain depths, and for depths chosen per step from what the drafters matched: acceptance
+without timing anything, to pick what is worth timing.
+
+    PYTHONPATH=. python benchmarks/cpu/draft_sim.py --limit 5 --answers runs/sim/answers.json
+
+At T = 0 a step's output is greedy decoding's whatever is drafted, so the text is fixed: the
+model's greedy answer (our AR loop, cached in --answers). At every point of it the drafters'
+chains are computed by the drafters themselves (`PromptLookup.draft`, REST's `lookup` on its
+store), and a step accepts the longer matching prefix of the two chains (the union's trie). A
+policy picks each step's depths (rest depth, prompt-lookup depth) from what the drafters found
+there: the longest n-gram prompt lookup matched, the longest context REST matched. Reported per
+policy: tokens per step (what `infer.spec_bench` calls mean accepted tokens) and the mean nodes a
+step verifies (1 + both depths). What a step of so many nodes costs is timed elsewhere
+(`infer.bench --step-costs`, `infer.spec_bench`). Evaluation only: nothing here trains on Spec-Bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+MAX_DEPTH = 8
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--limit", type=int, default=5, help="first N Spec-Bench questions of each category")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--answers", type=Path, required=True, help="cache of the greedy answers (written if missing)")
+    p.add_argument("--out", type=Path, help="write the report here as JSON")
+    return p.parse_args(argv)
+
+
+def greedy_answers(args, model, model_dir):
+    """[(subtask, prompt ids, answer ids)], from --answers or decoded and written there."""
+    from infer.spec_bench import encode_questions
+    from jaxaccel.decoding import AutoregressiveDecoder
+    from jaxaccel.decoding.text import stop_tokens
+    from jaxaccel.spec_bench import first_per_category, read_questions, subtask_of
+
+    if args.answers.exists():
+        return [tuple(x) for x in json.loads(args.answers.read_text())]
+    qs = first_per_category(read_questions(), args.limit)
+    prompts, turn_end = encode_questions(qs, model_dir, True)
+    stop = sorted(set(stop_tokens(model.config, model_dir)) | set(turn_end))
+    decoder = AutoregressiveDecoder(model)
+    items = [(subtask_of(q.category), p, decoder.generate([p], max_new_tokens=args.max_new_tokens,
+                                                          stop_tokens=stop).sequences()[0])
+             for q, p in zip(qs, prompts)]
+    args.answers.parent.mkdir(parents=True, exist_ok=True)
+    args.answers.write_text(json.dumps(items))
+    return items
+
+
+def positions(prompt, answer):
+    """Per step root (answer position t): the text so far [A, L] (NO_TOKEN after) and its length."""
+    from jaxaccel.drafters.common import NO_TOKEN
+
+    text = np.array(list(prompt) + list(answer), np.int32)
+    a, size = len(answer), len(text) + MAX_DEPTH
+    length_t = len(prompt) + 1 + np.arange(a)
+    tokens_tl = np.full((a, size), NO_TOKEN, np.int32)
+    for t in range(a):
+        tokens_tl[t, :length_t[t]] = text[:length_t[t]]
+    return tokens_tl, length_t
+
+
+def pld_chains(tokens_tl, length_t):
+    """[A, MAX_DEPTH] prompt lookup's chain at each root, [A] the longest n-gram it matched (0: none)."""
+    from jaxaccel.drafters.pld import LookupState, PromptLookup
+
+    root = jnp.asarray(tokens_tl[np.arange(len(length_t)), length_t - 1])
+    chains = np.asarray(_pld_draft(LookupState(jnp.asarray(tokens_tl), jnp.asarray(length_t)), root))[:, 1:]
+    matched = np.zeros(len(length_t), np.int32)
+    for t, n_len in enumerate(length_t):
+        text = tokens_tl[t, :n_len]
+        for n in range(PromptLookup().max_ngram, 0, -1):
+            if n_len <= n:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(text[:-1], n)
+            if np.any(np.all(windows == text[-n:], axis=1)):
+                matched[t] = n
+                break
+    return chains, matched
+
+
+@jax.jit
+def _pld_draft(state, root):
+    from jaxaccel.drafters.pld import PromptLookup
+
+    return PromptLookup(depth=MAX_DEPTH).draft(None, None, state, root, None).tokens_bn
+
+
+def rest_chains(stores, tokens_tl, length_t, max_ngram):
+    """{depth: [A, depth] REST's chain at each root}, [A] the longest context it matched (0: none)."""
+    from jaxaccel.drafters.common import NO_TOKEN
+    from jaxaccel.drafters.rest_store import lookup
+
+    slot_tk = length_t[:, None] - max_ngram + np.arange(max_ngram)
+    recent_tk = np.where(slot_tk >= 0, np.take_along_axis(tokens_tl, np.maximum(slot_tk, 0), axis=1), NO_TOKEN)
+    chains = {d: np.asarray(jax.jit(lookup)(store, jnp.asarray(recent_tk))[0])[:, 0] for d, store in stores.items()}
+    matched = np.zeros(len(length_t), np.int32)
+    store = next(iter(stores.values()))
+    for k in range(1, max_ngram + 1):  # contexts of at most k tokens: the rest masked
+        masked = np.where(np.arange(max_ngram) >= max_ngram - k, recent_tk, NO_TOKEN)
+        found = np.asarray(jax.jit(lookup)(store, jnp.asarray(masked))[1])
+        matched = np.where(found, k, matched)
+    return chains, matched
+
+
+def prefix_match(chain, future) -> int:
+    n = 0
+    while n < len(chain) and n < len(future) and chain[n] == future[n]:
+        n += 1
+    return n
+
+
+def simulate(seq, policy):
+    """(tokens, steps, nodes verified) of stepping along one answer under `policy`."""
+    answer, pld, pld_n, rest, rest_k = seq
+    t = tokens = steps = nodes = 0
+    while t < len(answer):
+        depth_rest, depth_pld = policy(pld_n[t], rest_k[t])
+        future = answer[t + 1:]
+        accepted = 0
+        if depth_pld:
+            accepted = prefix_match(pld[t][:depth_pld], future)
+        if depth_rest:
+            chain = rest[max(depth_rest, 2)][t][:depth_rest]
+            accepted = max(accepted, prefix_match(chain, future))
+        tokens, steps, t = tokens + accepted + 1, steps + 1, t + accepted + 1
+        nodes += 1 + depth_rest + depth_pld
+    return tokens, steps, nodes
+
+
+def static(depth_rest, depth_pld):
+    return lambda pld_n, rest_k: (depth_rest, depth_pld)
+
+
+def gated(deep_pld, min_n, small=(2, 2), rest_then=None):
+    """A `deep_pld` prompt-lookup chain (beside a REST chain of `rest_then`, default small's) where
+    prompt lookup matched at least `min_n` tokens, else `small`."""
+    rest_then = small[0] if rest_then is None else rest_then
+    return lambda pld_n, rest_k: (rest_then, deep_pld) if pld_n >= min_n else small
+
+
+POLICIES = {
+    "rest 2 + pld 2 (5 nodes)": static(2, 2),
+    "rest 2 + pld 3": static(2, 3),
+    "rest 3 + pld 2": static(3, 2),
+    "rest 1 + pld 4": static(1, 4),
+    "rest 3 + pld 3": static(3, 3),
+    "rest 2 + pld 4": static(2, 4),
+    "rest 1 + pld 2": static(1, 2),
+    "rest 2 + pld 1": static(2, 1),
+    "rest 2": static(2, 0),
+    "pld 2": static(0, 2),
+    # Six nodes every step, shared out by what the drafters matched.
+    "pld 5 if 3-gram, else rest 2 + pld 3": gated(5, 3, (2, 3), rest_then=0),
+    "rest 1 + pld 4 if 3-gram, else rest 2 + pld 3": gated(4, 3, (2, 3), rest_then=1),
+    "rest 1 + pld 4 if 2-gram, else rest 2 + pld 3": gated(4, 2, (2, 3), rest_then=1),
+    "rest 4 + pld 1 if no 2-gram, else rest 2 + pld 3": lambda pld_n, rest_k: (2, 3) if pld_n >= 2 else (4, 1),
+    "rest 3 + pld 2 if no 2-gram, else rest 2 + pld 3": lambda pld_n, rest_k: (2, 3) if pld_n >= 2 else (3, 2),
+    # More nodes where prompt lookup matched.
+    "pld 8 if 3-gram, else rest 2 + pld 2": gated(8, 3),
+    "pld 6 if 3-gram, else rest 2 + pld 3": gated(6, 3, (2, 3)),
+}
+
+
+def main(argv=None) -> int:
+    from jaxaccel.drafters.rest import Rest, _store, recorded_options
+    from jaxaccel.hf import load_hf
+    from jaxaccel.models import resolve_model
+
+    args = parse_args(argv)
+    model_dir = resolve_model(args.model)
+    model = load_hf(model_dir)
+    items = greedy_answers(args, model, model_dir)
+    corpus = recorded_options(model_dir)["corpus"]
+    max_ngram = Rest().max_ngram
+    stores = {d: _store(corpus, max_ngram, d, 1, model.config.vocab_size) for d in (2, 3, 4, 5)}
+    seqs = []
+    for subtask, prompt, answer in items:
+        tokens_tl, length_t = positions(prompt, answer)
+        pld, pld_n = pld_chains(tokens_tl, length_t)
+        rest, rest_k = rest_chains(stores, tokens_tl, length_t, max_ngram)
+        seqs.append((subtask, (answer, pld, pld_n, rest, rest_k)))
+    subtasks = sorted({s for s, _ in seqs})
+    matched = np.concatenate([seq[2] for _, seq in seqs])
+    print("prompt lookup matched, share of answer positions:",
+          ", ".join(f"{n}-gram {np.mean(matched == n):.2f}" for n in range(4)))
+    report = {"command": "python benchmarks/cpu/draft_sim.py " + " ".join(argv or sys.argv[1:]),
+              "questions": len(seqs), "rows": []}
+    print("| policy | " + " | ".join(subtasks) + " | overall tokens/step | nodes/step |")
+    print("|---|" + "---:|" * (len(subtasks) + 2))
+    for name, policy in POLICIES.items():
+        runs = {s: np.zeros(3) for s in subtasks}
+        for subtask, seq in seqs:
+            runs[subtask] += simulate(seq, policy)
+        total = sum(runs.values())
+        row = {"policy": name, "tokens_per_step": {s: r[0] / r[1] for s, r in runs.items()},
+               "overall_tokens_per_step": total[0] / total[1], "nodes_per_step": total[2] / total[1]}
+        report["rows"].append(row)
+        print(f"| {name} | " + " | ".join(f"{row['tokens_per_step'][s]:.2f}" for s in subtasks) +
+              f" | {row['overall_tokens_per_step']:.2f} | {row['nodes_per_step']:.2f} |")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
