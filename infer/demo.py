@@ -176,7 +176,7 @@ def demo(args: argparse.Namespace) -> dict:
 
     began = time.perf_counter()
     model_dir, heads_dirs, manifest = resolve_inputs(args)
-    args.drafter = [d for d in args.drafter or [default_drafter(model_dir)] if d != "none"]
+    drafters = [d for d in args.drafter or [default_drafter(model_dir)] if d != "none"]
     model = load_hf(model_dir)
     tokenizer = load_model_tokenizer(model_dir)
     prompts, shown_prompts, turn_end = make_demo_prompts(args, model_dir, tokenizer, model.config.vocab_size,
@@ -185,7 +185,7 @@ def demo(args: argparse.Namespace) -> dict:
     tree_spec = resolve_tree_spec(args.tree, heads_dirs)
     report = speculative_report(model, model_dir, heads_dirs, prompts, tree_specs=[tree_spec],
                                 temperatures=[args.temperature], max_new_tokens=args.max_new_tokens,
-                                repeats=args.repeats, seed=args.seed, stop=stop, drafter_specs=args.drafter)
+                                repeats=args.repeats, seed=args.seed, stop=stop, drafter_specs=drafters)
     # The sample: prompt 0 decoded once more (already compiled) by the autoregressive loop.
     sample = AutoregressiveDecoder(model).generate(
         [prompts[0]], policy=make_policy(args.temperature), max_new_tokens=args.max_new_tokens,

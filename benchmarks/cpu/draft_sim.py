@@ -18,6 +18,7 @@ step verifies (1 + both depths). What a step of so many nodes costs is timed els
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=5, help="first N Spec-Bench questions of each category")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--answers", type=Path, required=True, help="cache of the greedy answers (written if missing)")
+    p.add_argument("--rest-max-ngram", type=int, default=4, help="REST's longest context (its max_ngram)")
+    p.add_argument("--pld-max-ngram", type=int, default=3, help="prompt lookup's longest n-gram (its max_ngram)")
     p.add_argument("--out", type=Path, help="write the report here as JSON")
     return p.parse_args(argv)
 
@@ -75,16 +78,17 @@ def positions(prompt, answer):
     return tokens_tl, length_t
 
 
-def pld_chains(tokens_tl, length_t):
+def pld_chains(tokens_tl, length_t, max_ngram):
     """[A, MAX_DEPTH] prompt lookup's chain at each root, [A] the longest n-gram it matched (0: none)."""
-    from jaxaccel.drafters.pld import LookupState, PromptLookup
+    from jaxaccel.drafters.pld import LookupState
 
     root = jnp.asarray(tokens_tl[np.arange(len(length_t)), length_t - 1])
-    chains = np.asarray(_pld_draft(LookupState(jnp.asarray(tokens_tl), jnp.asarray(length_t)), root))[:, 1:]
+    chains = np.asarray(_pld_draft(LookupState(jnp.asarray(tokens_tl), jnp.asarray(length_t)), root,
+                                   max_ngram))[:, 1:]
     matched = np.zeros(len(length_t), np.int32)
     for t, n_len in enumerate(length_t):
         text = tokens_tl[t, :n_len]
-        for n in range(PromptLookup().max_ngram, 0, -1):
+        for n in range(max_ngram, 0, -1):
             if n_len <= n:
                 continue
             windows = np.lib.stride_tricks.sliding_window_view(text[:-1], n)
@@ -94,11 +98,11 @@ def pld_chains(tokens_tl, length_t):
     return chains, matched
 
 
-@jax.jit
-def _pld_draft(state, root):
+@functools.partial(jax.jit, static_argnums=2)
+def _pld_draft(state, root, max_ngram):
     from jaxaccel.drafters.pld import PromptLookup
 
-    return PromptLookup(depth=MAX_DEPTH).draft(None, None, state, root, None).tokens_bn
+    return PromptLookup(depth=MAX_DEPTH, max_ngram=max_ngram).draft(None, None, state, root, None).tokens_bn
 
 
 def rest_chains(stores, tokens_tl, length_t, max_ngram):
@@ -178,7 +182,7 @@ POLICIES = {
 
 
 def main(argv=None) -> int:
-    from jaxaccel.drafters.rest import Rest, _store, recorded_options
+    from jaxaccel.drafters.rest import _store, recorded_options
     from jaxaccel.hf import load_hf
     from jaxaccel.models import resolve_model
 
@@ -187,12 +191,12 @@ def main(argv=None) -> int:
     model = load_hf(model_dir)
     items = greedy_answers(args, model, model_dir)
     corpus = recorded_options(model_dir)["corpus"]
-    max_ngram = Rest().max_ngram
+    max_ngram = args.rest_max_ngram
     stores = {d: _store(corpus, max_ngram, d, 1, model.config.vocab_size) for d in (2, 3, 4, 5)}
     seqs = []
     for subtask, prompt, answer in items:
         tokens_tl, length_t = positions(prompt, answer)
-        pld, pld_n = pld_chains(tokens_tl, length_t)
+        pld, pld_n = pld_chains(tokens_tl, length_t, args.pld_max_ngram)
         rest, rest_k = rest_chains(stores, tokens_tl, length_t, max_ngram)
         seqs.append((subtask, (answer, pld, pld_n, rest, rest_k)))
     subtasks = sorted({s for s, _ in seqs})
