@@ -154,12 +154,19 @@ def test_sampling_follows_the_base_distribution(base, prompts, sampled, rest_cor
     assert stats.chi2_contingency(table).pvalue < 1e-3
 
 
-def lookup(drafter, text, size=16):
+def lookup_state(text, size=16):
     tokens = np.full((1, size), -1, np.int32)
     tokens[0, :len(text)] = text
-    state = LookupState(tokens_bl=jnp.asarray(tokens), length_b=jnp.array([len(text)]))
-    draft = drafter.draft(None, None, state, jnp.array([text[-1]]), None)
+    return LookupState(tokens_bl=jnp.asarray(tokens), length_b=jnp.array([len(text)]))
+
+
+def lookup(drafter, text):
+    draft = drafter.draft(None, None, lookup_state(text), jnp.array([text[-1]]), None)
     return np.asarray(draft.tokens_bn[0]).tolist()
+
+
+def matched_ngram(drafter, text) -> int:
+    return int(drafter.matches(lookup_state(text))[2][0])
 
 
 def test_prompt_lookup_takes_the_longest_most_recent_match():
@@ -172,6 +179,9 @@ def test_prompt_lookup_takes_the_longest_most_recent_match():
     assert lookup(drafter, [1, 2, 3]) == [3, 0, 0, 0]
     # Two branches: the two most recent occurrences of the 1-gram "1", most recent first.
     assert lookup(PromptLookup(depth=2, branches=2, max_ngram=1), [1, 8, 1, 9, 2, 1]) == [1, 9, 8, 2, 1]
+    # What it matched: the longest n-gram (at most max_ngram), 0 for none.
+    assert [matched_ngram(drafter, t) for t in ([5, 6, 1, 5, 6, 2, 9, 5, 6], [7, 6, 1, 5, 6], [1, 2, 3])] == [2, 1, 0]
+    assert matched_ngram(PromptLookup(max_ngram=3), [5, 6, 7, 1, 5, 6, 7]) == 3
 
 
 def test_drafter_specs_and_errors(base):

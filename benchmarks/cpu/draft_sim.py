@@ -8,8 +8,8 @@ At T = 0 a step's output is greedy decoding's whatever is drafted, so the text i
 model's greedy answer (our AR loop, cached in --answers). At every point of it the drafters'
 chains are computed by the drafters themselves (`PromptLookup.draft`, REST's `lookup` on its
 store), and a step accepts the longer matching prefix of the two chains (the union's trie). A
-policy picks each step's depths (rest depth, prompt-lookup depth) from what the drafters found
-there: the longest n-gram prompt lookup matched, the longest context REST matched. Reported per
+policy picks each step's depths (rest depth, prompt-lookup depth) from what prompt lookup found
+there: the longest n-gram it matched (`PromptLookup.matches`). Reported per
 policy: tokens per step (what `infer.spec_bench` calls mean accepted tokens) and the mean nodes a
 step verifies (1 + both depths). What a step of so many nodes costs is timed elsewhere
 (`infer.bench --step-costs`, `infer.spec_bench`). Evaluation only: nothing here trains on Spec-Bench.
@@ -83,43 +83,32 @@ def pld_chains(tokens_tl, length_t, max_ngram):
     from jaxaccel.drafters.pld import LookupState
 
     root = jnp.asarray(tokens_tl[np.arange(len(length_t)), length_t - 1])
-    chains = np.asarray(_pld_draft(LookupState(jnp.asarray(tokens_tl), jnp.asarray(length_t)), root,
-                                   max_ngram))[:, 1:]
-    matched = np.zeros(len(length_t), np.int32)
-    for t, n_len in enumerate(length_t):
-        text = tokens_tl[t, :n_len]
-        for n in range(max_ngram, 0, -1):
-            if n_len <= n:
-                continue
-            windows = np.lib.stride_tricks.sliding_window_view(text[:-1], n)
-            if np.any(np.all(windows == text[-n:], axis=1)):
-                matched[t] = n
-                break
-    return chains, matched
+    tokens_tn, ngram_t = _pld_draft(LookupState(jnp.asarray(tokens_tl), jnp.asarray(length_t)), root, max_ngram)
+    return np.asarray(tokens_tn)[:, 1:], np.asarray(ngram_t)
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _pld_draft(state, root, max_ngram):
     from jaxaccel.drafters.pld import PromptLookup
 
-    return PromptLookup(depth=MAX_DEPTH, max_ngram=max_ngram).draft(None, None, state, root, None).tokens_bn
+    drafter = PromptLookup(depth=MAX_DEPTH, max_ngram=max_ngram)
+    return drafter.draft(None, None, state, root, None).tokens_bn, drafter.matches(state)[2]
 
 
 def rest_chains(stores, tokens_tl, length_t, max_ngram):
-    """{depth: [A, depth] REST's chain at each root}, [A] the longest context it matched (0: none)."""
+    """{depth: [A, depth] REST's chain at each root}."""
     from jaxaccel.drafters.common import NO_TOKEN
-    from jaxaccel.drafters.rest_store import lookup
 
     slot_tk = length_t[:, None] - max_ngram + np.arange(max_ngram)
     recent_tk = np.where(slot_tk >= 0, np.take_along_axis(tokens_tl, np.maximum(slot_tk, 0), axis=1), NO_TOKEN)
-    chains = {d: np.asarray(jax.jit(lookup)(store, jnp.asarray(recent_tk))[0])[:, 0] for d, store in stores.items()}
-    matched = np.zeros(len(length_t), np.int32)
-    store = next(iter(stores.values()))
-    for k in range(1, max_ngram + 1):  # contexts of at most k tokens: the rest masked
-        masked = np.where(np.arange(max_ngram) >= max_ngram - k, recent_tk, NO_TOKEN)
-        found = np.asarray(jax.jit(lookup)(store, jnp.asarray(masked))[1])
-        matched = np.where(found, k, matched)
-    return chains, matched
+    return {d: np.asarray(_rest_lookup(store, jnp.asarray(recent_tk))[0])[:, 0] for d, store in stores.items()}
+
+
+@jax.jit
+def _rest_lookup(store, recent_tk):
+    from jaxaccel.drafters.rest_store import lookup
+
+    return lookup(store, recent_tk)
 
 
 def prefix_match(chain, future) -> int:
@@ -131,15 +120,15 @@ def prefix_match(chain, future) -> int:
 
 def simulate(seq, policy):
     """(tokens, steps, nodes verified) of stepping along one answer under `policy`."""
-    answer, pld, pld_n, rest, rest_k = seq
+    answer, pld, pld_n, rest = seq
     t = tokens = steps = nodes = 0
     while t < len(answer):
-        depth_rest, depth_pld = policy(pld_n[t], rest_k[t])
+        depth_rest, depth_pld = policy(pld_n[t])
         future = answer[t + 1:]
         accepted = 0
         if depth_pld:
             accepted = prefix_match(pld[t][:depth_pld], future)
-        if depth_rest:
+        if depth_rest:  # a chain of 1 is the first token of the depth-2 store's (first tokens agree)
             chain = rest[max(depth_rest, 2)][t][:depth_rest]
             accepted = max(accepted, prefix_match(chain, future))
         tokens, steps, t = tokens + accepted + 1, steps + 1, t + accepted + 1
@@ -148,14 +137,14 @@ def simulate(seq, policy):
 
 
 def static(depth_rest, depth_pld):
-    return lambda pld_n, rest_k: (depth_rest, depth_pld)
+    return lambda pld_n: (depth_rest, depth_pld)
 
 
 def gated(deep_pld, min_n, small=(2, 2), rest_then=None):
     """A `deep_pld` prompt-lookup chain (beside a REST chain of `rest_then`, default small's) where
     prompt lookup matched at least `min_n` tokens, else `small`."""
     rest_then = small[0] if rest_then is None else rest_then
-    return lambda pld_n, rest_k: (rest_then, deep_pld) if pld_n >= min_n else small
+    return lambda pld_n: (rest_then, deep_pld) if pld_n >= min_n else small
 
 
 POLICIES = {
@@ -173,8 +162,8 @@ POLICIES = {
     "pld 5 if 3-gram, else rest 2 + pld 3": gated(5, 3, (2, 3), rest_then=0),
     "rest 1 + pld 4 if 3-gram, else rest 2 + pld 3": gated(4, 3, (2, 3), rest_then=1),
     "rest 1 + pld 4 if 2-gram, else rest 2 + pld 3": gated(4, 2, (2, 3), rest_then=1),
-    "rest 4 + pld 1 if no 2-gram, else rest 2 + pld 3": lambda pld_n, rest_k: (2, 3) if pld_n >= 2 else (4, 1),
-    "rest 3 + pld 2 if no 2-gram, else rest 2 + pld 3": lambda pld_n, rest_k: (2, 3) if pld_n >= 2 else (3, 2),
+    "rest 4 + pld 1 if no 2-gram, else rest 2 + pld 3": lambda pld_n: (2, 3) if pld_n >= 2 else (4, 1),
+    "rest 3 + pld 2 if no 2-gram, else rest 2 + pld 3": lambda pld_n: (2, 3) if pld_n >= 2 else (3, 2),
     # More nodes where prompt lookup matched.
     "pld 8 if 3-gram, else rest 2 + pld 2": gated(8, 3),
     "pld 6 if 3-gram, else rest 2 + pld 3": gated(6, 3, (2, 3)),
@@ -197,12 +186,12 @@ def main(argv=None) -> int:
     for subtask, prompt, answer in items:
         tokens_tl, length_t = positions(prompt, answer)
         pld, pld_n = pld_chains(tokens_tl, length_t, args.pld_max_ngram)
-        rest, rest_k = rest_chains(stores, tokens_tl, length_t, max_ngram)
-        seqs.append((subtask, (answer, pld, pld_n, rest, rest_k)))
+        rest = rest_chains(stores, tokens_tl, length_t, max_ngram)
+        seqs.append((subtask, (answer, pld, pld_n, rest)))
     subtasks = sorted({s for s, _ in seqs})
     matched = np.concatenate([seq[2] for _, seq in seqs])
     print("prompt lookup matched, share of answer positions:",
-          ", ".join(f"{n}-gram {np.mean(matched == n):.2f}" for n in range(4)))
+          ", ".join(f"{n}-gram {np.mean(matched == n):.2f}" for n in range(args.pld_max_ngram + 1)))
     report = {"command": "python benchmarks/cpu/draft_sim.py " + " ".join(argv or sys.argv[1:]),
               "questions": len(seqs), "rows": []}
     print("| policy | " + " | ".join(subtasks) + " | overall tokens/step | nodes/step |")

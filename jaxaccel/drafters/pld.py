@@ -56,12 +56,15 @@ class PromptLookup:
         tokens_bl = tokens_bl.at[jnp.arange(b), prefill.lengths_b].set(prefill.first_b)
         return LookupState(tokens_bl=tokens_bl, length_b=prefill.lengths_b + 1)
 
-    def draft(self, base, module, state: LookupState, root_b, cache) -> Draft:
+    def matches(self, state: LookupState) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Per row: [B, branches] the slot after each chosen occurrence of the longest n-gram
+        found (most recent first), [B, branches] the distance from it to the present (a chain
+        running into the present repeats it), and [B] that n (0: none found)."""
         tokens_bl, length_b = state.tokens_bl, state.length_b
         b, size = tokens_bl.shape
         slot_l = jnp.arange(size)
-        found_b = jnp.zeros((b,), bool)
-        start_br = jnp.zeros((b, self.branches), jnp.int32)  # first slot after each chosen occurrence
+        ngram_b = jnp.zeros((b,), jnp.int32)
+        start_br = jnp.zeros((b, self.branches), jnp.int32)
         period_br = jnp.ones((b, self.branches), jnp.int32)
         for n in range(self.max_ngram, self.min_ngram - 1, -1):  # longest first: a found n is kept
             suffix_bn = jnp.take_along_axis(tokens_bl, jnp.maximum(length_b[:, None] - n + jnp.arange(n), 0), axis=1)
@@ -72,10 +75,17 @@ class PromptLookup:
             # Earlier windows only (the suffix itself ends at length - 1), with a suffix to match.
             match_bl &= (slot_l + n < length_b[:, None]) & (length_b[:, None] >= n)
             score_br, where_br = jax.lax.top_k(jnp.where(match_bl, slot_l, -1), self.branches)  # most recent first
-            use_b = ~found_b & (score_br[:, 0] >= 0)
+            use_b = (ngram_b == 0) & (score_br[:, 0] >= 0)
             start_br = jnp.where(use_b[:, None], where_br + n, start_br)
             period_br = jnp.where(use_b[:, None], jnp.maximum(length_b[:, None] - n - where_br, 1), period_br)
-            found_b |= use_b
+            ngram_b = jnp.where(use_b, n, ngram_b)
+        return start_br, period_br, ngram_b
+
+    def draft(self, base, module, state: LookupState, root_b, cache) -> Draft:
+        tokens_bl, length_b = state.tokens_bl, state.length_b
+        b, size = tokens_bl.shape
+        start_br, period_br, ngram_b = self.matches(state)
+        found_b = ngram_b > 0
         # Chain slots; a slot at or past the present steps back by whole periods.
         slot_brd = start_br[:, :, None] + jnp.arange(self.depth)
         over_brd = slot_brd - (length_b[:, None, None] - 1)

@@ -98,7 +98,10 @@ class TokenRecycling:
                               stamp_bv=state.stamp_bv.at[rows_b1, nodes_bn].set(clock), clock=clock)
 
 
-def default_tree(nodes: int = 24) -> Tree:
+DEFAULT_NODES = 24
+
+
+def default_tree(nodes: int = DEFAULT_NODES) -> Tree:
     """The tree with the most expected accepted tokens for `nodes` nodes if rank r at any depth is
     accepted with probability 0.6 * 0.5**r (a guess: tune it like any rank tree)."""
     if nodes < 2:
@@ -109,7 +112,7 @@ def default_tree(nodes: int = 24) -> Tree:
 def make(tree, module, nodes: int | None = None) -> TokenRecycling:
     if tree is not None and nodes is not None:
         raise ValueError("recycling takes a tree or nodes=N, not both")
-    return TokenRecycling(tree if tree is not None else default_tree(24 if nodes is None else nodes))
+    return TokenRecycling(tree if tree is not None else default_tree(DEFAULT_NODES if nodes is None else nodes))
 
 
 RECORD = DrafterRecord(
