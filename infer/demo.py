@@ -14,8 +14,9 @@ see `python -m infer.models`); its prompts are a handful of Spec-Bench questions
 first turn, through the model's chat template). The `small` model's prompts are test-split
 snippets of its corpus (never trained on). Each prompt is decoded at batch 1 by the
 autoregressive loop and by the speculative loop with each heads directory, with each --drafter
-(default: REST + prompt lookup, `rest+pld:depth=3`, for a model whose own answers are committed
-as REST's corpus — SmolLM2: on Spec-Bench its best row —, else prompt lookup, `pld:depth=2`) and
+(default: REST and prompt lookup sharing six nodes, `share`, for a model whose own answers are
+committed as REST's corpus — SmolLM2: on Spec-Bench its best row —, else prompt lookup,
+`pld:depth=2`) and
 with their union (the heads' tree and the drafter's chains verified together), in one run on the
 same weights.
 The table gives tokens/s (compilation excluded), mean accepted tokens (tokens per base forward pass), speedup vs autoregressive and, at temperature 0, whether every token equals
@@ -41,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Training-free; with shipped heads, also their union. REST needs the model's own answers (committed
 # for SmolLM2); six nodes are what a CPU verify pass affords at about the cost of one row.
 DEFAULT_DRAFTER = "pld:depth=2"
-DEFAULT_DRAFTER_WITH_CORPUS = "rest+pld:depth=3"
+DEFAULT_DRAFTER_WITH_CORPUS = "share"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def default_drafter(model_dir: Path) -> str:
-    """REST + prompt lookup where REST finds the model's own committed answers, else prompt lookup."""
+    """REST and prompt lookup where REST finds the model's own committed answers, else prompt lookup."""
     from jaxaccel.drafters.rest import recorded_options
 
     return DEFAULT_DRAFTER_WITH_CORPUS if recorded_options(model_dir) else DEFAULT_DRAFTER

@@ -48,7 +48,8 @@ def prompts(base):
 
 @pytest.mark.parametrize("kind,spec,tree", [("eagle", "pld:branches=2", DynamicTree(topk=3, depth=4, num_nodes=10)),
                                             ("hydra", "layerskip:skip=1,depth=3", None),
-                                            ("eagle", "rest:corpus={corpus},depth=3+pld:depth=2", Tree.chain(2))])
+                                            ("eagle", "rest:corpus={corpus},depth=3+pld:depth=2", Tree.chain(2)),
+                                            ("hydra", "share:corpus={corpus},nodes=4", None)])
 def test_heads_with_a_lookup_equal_greedy(base, prompts, rest_corpus, kind, spec, tree):
     want = AutoregressiveDecoder(base).generate(prompts, max_new_tokens=30, stop_tokens=[STOP])
     drafter = make_drafter(spec.format(corpus=rest_corpus), heads=heads_for(base, kind), tree=tree)

@@ -3,16 +3,21 @@ any chain depths, and for depths chosen per step from what the drafters matched:
 without timing anything, to pick what is worth timing.
 
     PYTHONPATH=. python benchmarks/cpu/draft_sim.py --limit 5 --answers runs/sim/answers.json
+    PYTHONPATH=. python benchmarks/cpu/draft_sim.py --heldout 320     # to choose a policy on
+
 
 At T = 0 a step's output is greedy decoding's whatever is drafted, so the text is fixed: the
 model's greedy answer (our AR loop, cached in --answers). At every point of it the drafters'
 chains are computed by the drafters themselves (`PromptLookup.draft`, REST's `lookup` on its
-store), and a step accepts the longer matching prefix of the two chains (the union's trie). A
-policy picks each step's depths (rest depth, prompt-lookup depth) from what prompt lookup found
-there: the longest n-gram it matched (`PromptLookup.matches`). Reported per
-policy: tokens per step (what `infer.spec_bench` calls mean accepted tokens) and the mean nodes a
-step verifies (1 + both depths). What a step of so many nodes costs is timed elsewhere
+store), and a step accepts the longest matching prefix of the chains (the union's trie). A
+policy picks each step's chain lengths (REST's most frequent continuation, its second, prompt
+lookup's) from what prompt lookup found there: the longest n-gram it matched
+(`PromptLookup.chains`); the `share` drafter's split (`jaxaccel.drafters.share.layouts`) is one of
+them. Reported per policy: tokens per step (what `infer.spec_bench` calls mean accepted tokens) and
+the mean nodes a step verifies (1 + the chains' lengths). What a step of so many nodes costs is timed elsewhere
 (`infer.bench --step-costs`, `infer.spec_bench`). Evaluation only: nothing here trains on Spec-Bench.
+A policy is chosen with `--heldout N` instead: the model's own greedy answers to N held-out training
+prompts (the last shard of each of REST's corpus directories, its store built from the others).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--limit", type=int, default=5, help="first N Spec-Bench questions of each category")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--answers", type=Path, required=True, help="cache of the greedy answers (written if missing)")
+    p.add_argument("--answers", type=Path, help="cache of the greedy answers to Spec-Bench (written if missing)")
+    p.add_argument("--heldout", type=int, default=0,
+                   help="instead of Spec-Bench: N answers to held-out training prompts (REST's store without them)")
     p.add_argument("--rest-max-ngram", type=int, default=4, help="REST's longest context (its max_ngram)")
     p.add_argument("--pld-max-ngram", type=int, default=3, help="prompt lookup's longest n-gram (its max_ngram)")
     p.add_argument("--out", type=Path, help="write the report here as JSON")
@@ -65,15 +73,27 @@ def greedy_answers(args, model, model_dir):
     return items
 
 
+def heldout_answers(corpus: str, n: int, max_new_tokens: int):
+    """(REST's corpus without each directory's last shard, [("held-out", prompt ids, answer ids)]
+    for n of that shard's answers, drawn with a fixed seed, cut at max_new_tokens)."""
+    shards = [sorted(Path(d).glob("shard-*.jsonl")) for d in corpus.split(os.pathsep)]
+    rows = [json.loads(line) for files in shards for line in files[-1].read_text().splitlines()]
+    kept = os.pathsep.join(str(f) for files in shards for f in files[:-1])
+    pick = sorted(np.random.default_rng(0).permutation(len(rows))[:n])
+    return kept, [("held-out", rows[i]["prompt_ids"], rows[i]["response_ids"][:max_new_tokens]) for i in pick]
+
+
 def positions(prompt, answer):
-    """Per step root (answer position t): the text so far [A, L] (NO_TOKEN after) and its length."""
+    """Per step root (answer position t): the text so far [A, L] (NO_TOKEN after) and its length.
+    A and L are rounded up (rows past the answer hold its first position), so that the lookups
+    compile for a few shapes, not one per answer."""
     from jaxaccel.drafters.common import NO_TOKEN
 
     text = np.array(list(prompt) + list(answer), np.int32)
-    a, size = len(answer), len(text) + MAX_DEPTH
-    length_t = len(prompt) + 1 + np.arange(a)
-    tokens_tl = np.full((a, size), NO_TOKEN, np.int32)
-    for t in range(a):
+    a, size = len(answer), -(-(len(text) + MAX_DEPTH) // 256) * 256
+    length_t = len(prompt) + 1 + np.minimum(np.arange(-(-a // 64) * 64), a - 1)
+    tokens_tl = np.full((len(length_t), size), NO_TOKEN, np.int32)
+    for t in range(len(length_t)):
         tokens_tl[t, :length_t[t]] = text[:length_t[t]]
     return tokens_tl, length_t
 
@@ -82,26 +102,24 @@ def pld_chains(tokens_tl, length_t, max_ngram):
     """[A, MAX_DEPTH] prompt lookup's chain at each root, [A] the longest n-gram it matched (0: none)."""
     from jaxaccel.drafters.pld import LookupState
 
-    root = jnp.asarray(tokens_tl[np.arange(len(length_t)), length_t - 1])
-    tokens_tn, ngram_t = _pld_draft(LookupState(jnp.asarray(tokens_tl), jnp.asarray(length_t)), root, max_ngram)
-    return np.asarray(tokens_tn)[:, 1:], np.asarray(ngram_t)
+    chain_trd, ngram_t = _pld_chains(LookupState(jnp.asarray(tokens_tl), jnp.asarray(length_t)), max_ngram)
+    return np.asarray(chain_trd)[:, 0], np.asarray(ngram_t)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _pld_draft(state, root, max_ngram):
+@functools.partial(jax.jit, static_argnums=1)
+def _pld_chains(state, max_ngram):
     from jaxaccel.drafters.pld import PromptLookup
 
-    drafter = PromptLookup(depth=MAX_DEPTH, max_ngram=max_ngram)
-    return drafter.draft(None, None, state, root, None).tokens_bn, drafter.matches(state)[2]
+    return PromptLookup(depth=MAX_DEPTH, max_ngram=max_ngram).chains(state)
 
 
 def rest_chains(stores, tokens_tl, length_t, max_ngram):
-    """{depth: [A, depth] REST's chain at each root}."""
+    """{depth: [A, 2, depth] REST's two most frequent continuations at each root}."""
     from jaxaccel.drafters.common import NO_TOKEN
 
     slot_tk = length_t[:, None] - max_ngram + np.arange(max_ngram)
     recent_tk = np.where(slot_tk >= 0, np.take_along_axis(tokens_tl, np.maximum(slot_tk, 0), axis=1), NO_TOKEN)
-    return {d: np.asarray(_rest_lookup(store, jnp.asarray(recent_tk))[0])[:, 0] for d, store in stores.items()}
+    return {d: np.asarray(_rest_lookup(store, jnp.asarray(recent_tk))[0]) for d, store in stores.items()}
 
 
 @jax.jit
@@ -123,28 +141,35 @@ def simulate(seq, policy):
     answer, pld, pld_n, rest = seq
     t = tokens = steps = nodes = 0
     while t < len(answer):
-        depth_rest, depth_pld = policy(pld_n[t])
+        first, second, depth_pld, store = policy(pld_n[t])
         future = answer[t + 1:]
-        accepted = 0
-        if depth_pld:
-            accepted = prefix_match(pld[t][:depth_pld], future)
-        if depth_rest:  # a chain of 1 is the first token of the depth-2 store's (first tokens agree)
-            chain = rest[max(depth_rest, 2)][t][:depth_rest]
-            accepted = max(accepted, prefix_match(chain, future))
+        # REST's chains from the store of `store` tokens (default their own length; 1 reads 2's).
+        rest_cd = rest[store or max(first, second, 2)][t]
+        accepted = max(prefix_match(pld[t][:depth_pld], future), prefix_match(rest_cd[0][:first], future),
+                       prefix_match(rest_cd[1][:second], future))
         tokens, steps, t = tokens + accepted + 1, steps + 1, t + accepted + 1
-        nodes += 1 + depth_rest + depth_pld
+        nodes += 1 + first + second + depth_pld
     return tokens, steps, nodes
 
 
 def static(depth_rest, depth_pld):
-    return lambda pld_n: (depth_rest, depth_pld)
+    return lambda pld_n: (depth_rest, 0, depth_pld, None)
 
 
 def gated(deep_pld, min_n, small=(2, 2), rest_then=None):
     """A `deep_pld` prompt-lookup chain (beside a REST chain of `rest_then`, default small's) where
     prompt lookup matched at least `min_n` tokens, else `small`."""
     rest_then = small[0] if rest_then is None else rest_then
-    return lambda pld_n: (rest_then, deep_pld) if pld_n >= min_n else small
+    return lambda pld_n: (rest_then, 0, deep_pld, None) if pld_n >= min_n else (small[0], 0, small[1], None)
+
+
+def shared(nodes):
+    """The share drafter's split of `nodes` (REST's chains read from its one store, as it does)."""
+    from jaxaccel.drafters.share import Share
+
+    drafter = Share(nodes=nodes)
+    table, store = drafter.table, drafter.rest.depth
+    return lambda pld_n: (*map(int, table[pld_n]), store)
 
 
 POLICIES = {
@@ -162,8 +187,10 @@ POLICIES = {
     "pld 5 if 3-gram, else rest 2 + pld 3": gated(5, 3, (2, 3), rest_then=0),
     "rest 1 + pld 4 if 3-gram, else rest 2 + pld 3": gated(4, 3, (2, 3), rest_then=1),
     "rest 1 + pld 4 if 2-gram, else rest 2 + pld 3": gated(4, 2, (2, 3), rest_then=1),
-    "rest 4 + pld 1 if no 2-gram, else rest 2 + pld 3": lambda pld_n: (2, 3) if pld_n >= 2 else (4, 1),
-    "rest 3 + pld 2 if no 2-gram, else rest 2 + pld 3": lambda pld_n: (2, 3) if pld_n >= 2 else (3, 2),
+    "rest 4 + pld 1 if no 2-gram, else rest 2 + pld 3": lambda pld_n: (2, 0, 3, None) if pld_n >= 2 else (4, 0, 1, None),
+    "rest 3 + pld 2 if no 2-gram, else rest 2 + pld 3": lambda pld_n: (2, 0, 3, None) if pld_n >= 2 else (3, 0, 2, None),
+    "share (6 nodes): pld 5 if 3-gram, rest 3 + its second 2 if none, else rest 2 + pld 3": shared(6),
+    "share (5 nodes)": shared(5),
     # More nodes where prompt lookup matched.
     "pld 8 if 3-gram, else rest 2 + pld 2": gated(8, 3),
     "pld 6 if 3-gram, else rest 2 + pld 3": gated(6, 3, (2, 3)),
@@ -178,10 +205,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model_dir = resolve_model(args.model)
     model = load_hf(model_dir)
-    items = greedy_answers(args, model, model_dir)
     corpus = recorded_options(model_dir)["corpus"]
+    if args.heldout:
+        corpus, items = heldout_answers(corpus, args.heldout, args.max_new_tokens)
+    elif args.answers:
+        items = greedy_answers(args, model, model_dir)
+    else:
+        raise SystemExit("draft_sim.py needs --answers FILE (Spec-Bench) or --heldout N")
     max_ngram = args.rest_max_ngram
-    stores = {d: _store(corpus, max_ngram, d, 1, model.config.vocab_size) for d in (2, 3, 4, 5)}
+    stores = {d: _store(corpus, max_ngram, d, 2, model.config.vocab_size) for d in (2, 3, 4, 5)}
     seqs = []
     for subtask, prompt, answer in items:
         tokens_tl, length_t = positions(prompt, answer)
@@ -189,7 +221,7 @@ def main(argv=None) -> int:
         rest = rest_chains(stores, tokens_tl, length_t, max_ngram)
         seqs.append((subtask, (answer, pld, pld_n, rest)))
     subtasks = sorted({s for s, _ in seqs})
-    matched = np.concatenate([seq[2] for _, seq in seqs])
+    matched = np.concatenate([seq[2][:len(seq[0])] for _, seq in seqs])
     print("prompt lookup matched, share of answer positions:",
           ", ".join(f"{n}-gram {np.mean(matched == n):.2f}" for n in range(args.pld_max_ngram + 1)))
     report = {"command": "python benchmarks/cpu/draft_sim.py " + " ".join(argv or sys.argv[1:]),

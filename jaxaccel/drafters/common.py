@@ -80,3 +80,20 @@ def chain_index(branches: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """(branch, level) of every non-root node of `chains` in node order."""
     paths = chains(branches, depth).paths
     return np.array([p[0] for p in paths]), np.array([len(p) - 1 for p in paths])
+
+
+def merge_twins(tokens_bn: jax.Array, parent_bn: jax.Array) -> jax.Array:
+    """[B, N] parents that make per-row chains one trie: a node drafting the token an earlier
+    sibling already drafts (a twin) stays in the tree, after the twin, so verification never
+    accepts it (at T = 0 the earlier sibling wins; a rejected point mass has no mass left), and its
+    children hang under the twin instead. Parents must come before their children."""
+    n = tokens_bn.shape[1]
+    canon = [jnp.zeros_like(parent_bn[:, 0])]  # each node's twin (itself if it has none)
+    parents = [parent_bn[:, 0]]
+    for j in range(1, n):
+        parent_b = jnp.take_along_axis(jnp.stack(canon, axis=1), parent_bn[:, j:j + 1], axis=1)[:, 0]
+        twin_bi = ((jnp.stack(parents, axis=1) == parent_b[:, None]) & (tokens_bn[:, :j] == tokens_bn[:, j:j + 1])
+                   & (jnp.stack(canon, axis=1) == jnp.arange(j)))
+        canon.append(jnp.where(jnp.any(twin_bi, axis=1), jnp.argmax(twin_bi, axis=1), j).astype(parent_bn.dtype))
+        parents.append(parent_b)
+    return jnp.stack(parents, axis=1)

@@ -81,21 +81,24 @@ class PromptLookup:
             ngram_b = jnp.where(use_b, n, ngram_b)
         return start_br, period_br, ngram_b
 
-    def draft(self, base, module, state: LookupState, root_b, cache) -> Draft:
+    def chains(self, state: LookupState) -> tuple[jax.Array, jax.Array]:
+        """([B, branches, depth] int32 the chains, zeros where nothing matched; [B] the n-gram
+        length they continue, 0: none)."""
         tokens_bl, length_b = state.tokens_bl, state.length_b
-        b, size = tokens_bl.shape
+        size = tokens_bl.shape[1]
         start_br, period_br, ngram_b = self.matches(state)
-        found_b = ngram_b > 0
         # Chain slots; a slot at or past the present steps back by whole periods.
         slot_brd = start_br[:, :, None] + jnp.arange(self.depth)
         over_brd = slot_brd - (length_b[:, None, None] - 1)
         slot_brd -= period_br[:, :, None] * jnp.maximum(-(-over_brd // period_br[:, :, None]), 0)
         chain_brd = jnp.take_along_axis(tokens_bl[:, None, :], jnp.clip(slot_brd, 0, size - 1), axis=2)
-        chain_brd = jnp.where(found_b[:, None, None] & (chain_brd >= 0), chain_brd, 0)
-        tree = self.tree
+        return jnp.where((ngram_b > 0)[:, None, None] & (chain_brd >= 0), chain_brd, 0).astype(jnp.int32), ngram_b
+
+    def draft(self, base, module, state: LookupState, root_b, cache) -> Draft:
+        chain_brd, _ = self.chains(state)
         branch_n, level_n = chain_index(self.branches, self.depth)
         tokens_bn = jnp.concatenate([root_b[:, None], chain_brd[:, branch_n, level_n]], axis=1).astype(jnp.int32)
-        return Draft(tokens_bn, tree.batch(b))
+        return Draft(tokens_bn, self.tree.batch(root_b.shape[0]))
 
     def commit(self, base, module, state: LookupState, verified: Verified) -> LookupState:
         emitted_bd, count_b = verified.emitted_bd, verified.verdict.num_nodes_b

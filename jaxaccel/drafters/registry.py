@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import re
 
-from jaxaccel.drafters import eagle, eagle3, hydra, layerskip, lookahead, medusa, pld, recycling, rest
+from jaxaccel.drafters import eagle, eagle3, hydra, layerskip, lookahead, medusa, pld, recycling, rest, share
 from jaxaccel.drafters.protocol import Drafter
 from jaxaccel.drafters.record import DrafterRecord
 
 RECORDS: dict[str, DrafterRecord] = {r.name: r for r in (medusa.RECORD, hydra.RECORD, eagle.RECORD, eagle3.RECORD,
-                                                         pld.RECORD, rest.RECORD, recycling.RECORD,
+                                                         pld.RECORD, rest.RECORD, share.RECORD, recycling.RECORD,
                                                          layerskip.RECORD, lookahead.RECORD)}
 
 
