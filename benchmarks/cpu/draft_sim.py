@@ -187,8 +187,8 @@ POLICIES = {
     "pld 5 if 3-gram, else rest 2 + pld 3": gated(5, 3, (2, 3), rest_then=0),
     "rest 1 + pld 4 if 3-gram, else rest 2 + pld 3": gated(4, 3, (2, 3), rest_then=1),
     "rest 1 + pld 4 if 2-gram, else rest 2 + pld 3": gated(4, 2, (2, 3), rest_then=1),
-    "rest 4 + pld 1 if no 2-gram, else rest 2 + pld 3": lambda pld_n: (2, 0, 3, None) if pld_n >= 2 else (4, 0, 1, None),
-    "rest 3 + pld 2 if no 2-gram, else rest 2 + pld 3": lambda pld_n: (2, 0, 3, None) if pld_n >= 2 else (3, 0, 2, None),
+    "rest 4 + pld 1 if no 2-gram, else rest 2 + pld 3": gated(3, 2, (4, 1), rest_then=2),
+    "rest 3 + pld 2 if no 2-gram, else rest 2 + pld 3": gated(3, 2, (3, 2), rest_then=2),
     "share (6 nodes): pld 5 if 3-gram, rest 3 + its second 2 if none, else rest 2 + pld 3": shared(6),
     "share (5 nodes)": shared(5),
     # More nodes where prompt lookup matched.

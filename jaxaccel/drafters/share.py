@@ -30,8 +30,6 @@ from jaxaccel.drafters.record import DrafterRecord
 from jaxaccel.drafters.rest import Rest, recorded_options
 from jaxaccel.drafters.rest_store import lookup
 
-REST_FIRST, REST_SECOND, LOOKUP = range(3)  # the candidate chains
-
 
 def layouts(nodes: int, max_ngram: int) -> np.ndarray:
     """[max_ngram + 1, 3] the chains' lengths (REST's first, its second, prompt lookup's) by the
@@ -102,7 +100,8 @@ class Share:
         rest_bcd, _ = lookup(state[0].store, state[0].recent_bk)
         lookup_brd, ngram_b = self.lookup.chains(state[1])
         pad = [(0, 0), (0, 0), (0, d - rest_bcd.shape[2])]
-        candidates_bkd = jnp.concatenate([jnp.pad(rest_bcd, pad), lookup_brd], axis=1)  # REST_FIRST, REST_SECOND, LOOKUP
+        # The candidate chains in `layouts`' column order: REST's first, its second, prompt lookup's.
+        candidates_bkd = jnp.concatenate([jnp.pad(rest_bcd, pad), lookup_brd], axis=1)
         chain_bn, level_bn, parent_bn, depth_bn = (jnp.asarray(t)[ngram_b] for t in slot_tables(self.table))
         drafted_bn = candidates_bkd[jnp.arange(root_b.shape[0])[:, None], chain_bn, level_bn]
         tokens_bn = jnp.concatenate([root_b[:, None], drafted_bn], axis=1).astype(jnp.int32)
