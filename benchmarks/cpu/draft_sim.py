@@ -191,6 +191,8 @@ POLICIES = {
     "rest 3 + pld 2 if no 2-gram, else rest 2 + pld 3": gated(3, 2, (3, 2), rest_then=2),
     "share (6 nodes): pld 5 if 3-gram, rest 3 + its second 2 if none, else rest 2 + pld 3": shared(6),
     "share (5 nodes)": shared(5),
+    "share (7 nodes)": shared(7),
+    "share (8 nodes)": shared(8),
     # More nodes where prompt lookup matched.
     "pld 8 if 3-gram, else rest 2 + pld 2": gated(8, 3),
     "pld 6 if 3-gram, else rest 2 + pld 3": gated(6, 3, (2, 3)),

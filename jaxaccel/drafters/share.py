@@ -76,7 +76,7 @@ class Share:
     @property
     def rest(self) -> Rest:
         return Rest(corpus=self.corpus, depth=max(int(self.table[:, :2].max()), 1), branches=2,
-                         max_ngram=self.rest_max_ngram)
+                    max_ngram=self.rest_max_ngram)
 
     @property
     def lookup(self) -> PromptLookup:
