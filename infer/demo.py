@@ -54,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=Path, action="append", default=[],
                    help="heads directory, repeatable (default: the heads shipped for the model, if any)")
     p.add_argument("--drafter", action="append", help="training-free drafter NAME[:key=value,...], repeatable "
-                   f"(pld, recycling; `python -m infer.drafters` lists them; default {DEFAULT_DRAFTER_WITH_CORPUS} for a "
-                   f"model whose answers REST finds, else {DEFAULT_DRAFTER}; none: no drafter)")
+                   f"(pld, recycling; `python -m infer.drafters` lists them; default {DEFAULT_DRAFTER_WITH_CORPUS} "
+                   f"for a model whose answers REST finds, else {DEFAULT_DRAFTER}; none: no drafter)")
     p.add_argument("--questions", type=Path, help="Spec-Bench question file for chat models (default: the "
                    "shared question.jsonl)")
     p.add_argument("--tree", default="auto", help="auto (the heads' tuned tree.json, else the kind's default) | "

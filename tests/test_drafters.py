@@ -99,7 +99,8 @@ def test_a_drafter_is_one_record(base, prompts, monkeypatch):
 
 @pytest.mark.parametrize("spec", ["pld", "pld:branches=3,depth=4,max_ngram=2", "rest:corpus={corpus},depth=3",
                                   "rest:corpus={corpus},branches=2,max_ngram=2+pld:depth=2", "recycling:nodes=6",
-                                  "share:corpus={corpus}", "share:corpus={corpus},nodes=4,max_ngram=2", "lookahead", "lookahead:window=2,ngram=3,candidates=3"])
+                                  "share:corpus={corpus}", "share:corpus={corpus},nodes=4,max_ngram=2", "lookahead",
+                                  "lookahead:window=2,ngram=3,candidates=3"])
 def test_training_free_drafters_equal_greedy(base, prompts, rest_corpus, spec):
     want = AutoregressiveDecoder(base).generate(prompts, max_new_tokens=40, stop_tokens=[STOP])
     drafter = make_drafter(spec.format(corpus=rest_corpus))

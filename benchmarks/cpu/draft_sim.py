@@ -5,17 +5,16 @@ without timing anything, to pick what is worth timing.
     PYTHONPATH=. python benchmarks/cpu/draft_sim.py --limit 5 --answers runs/sim/answers.json
     PYTHONPATH=. python benchmarks/cpu/draft_sim.py --heldout 320     # to choose a policy on
 
-
 At T = 0 a step's output is greedy decoding's whatever is drafted, so the text is fixed: the
 model's greedy answer (our AR loop, cached in --answers). At every point of it the drafters'
-chains are computed by the drafters themselves (`PromptLookup.draft`, REST's `lookup` on its
-store), and a step accepts the longest matching prefix of the chains (the union's trie). A
-policy picks each step's chain lengths (REST's most frequent continuation, its second, prompt
-lookup's) from what prompt lookup found there: the longest n-gram it matched
-(`PromptLookup.chains`); the `share` drafter's split (`jaxaccel.drafters.share.layouts`) is one of
-them. Reported per policy: tokens per step (what `infer.spec_bench` calls mean accepted tokens) and
-the mean nodes a step verifies (1 + the chains' lengths). What a step of so many nodes costs is timed elsewhere
-(`infer.bench --step-costs`, `infer.spec_bench`). Evaluation only: nothing here trains on Spec-Bench.
+chains are computed by the drafters themselves (`PromptLookup.chains`, with the n-gram length it
+matched; REST's `lookup` on its store), and a step accepts the longest matching prefix of the
+chains (the union's trie). A policy picks each step's chain lengths (REST's most frequent
+continuation, its second, prompt lookup's) from that n-gram length; the `share` drafter's split
+(`jaxaccel.drafters.share.layouts`) is one of them. Reported per policy: tokens per step (what
+`infer.spec_bench` calls mean accepted tokens) and the mean nodes a step verifies (1 + the chains'
+lengths). What a step of so many nodes costs is timed elsewhere (`infer.bench --step-costs`,
+`infer.spec_bench`). Evaluation only: nothing here trains on Spec-Bench.
 A policy is chosen with `--heldout N` instead: the model's own greedy answers to N held-out training
 prompts (the last shard of each of REST's corpus directories, its store built from the others).
 """
