@@ -87,6 +87,20 @@ def test_temperature_above_zero_reports_identical_as_null(tmp_path, capsys):
     assert report["chat"] is False
 
 
+def test_warm_up_leaves_a_learning_drafter_as_it_found_it():
+    """compile_buckets decodes once per method before timing; what Token Recycling learns then is
+    forgotten, so the first timed question starts from the same empty table as without the warm-up."""
+    from infer.speculative_rows import make_decoders
+    from jaxaccel.decoding import Greedy
+    from jaxaccel.hf import load_hf
+
+    model = load_hf(SHIPPED_DIR / "model")
+    decoders = make_decoders(model, SHIPPED_DIR / "model", [], [None], ["recycling"])
+    recycling = decoders["recycling"][0]
+    spec_bench.compile_buckets(decoders, [[5, 6, 7, 8, 5, 6], [9, 10]], policy=Greedy(), max_new_tokens=6, stop=[])
+    assert recycling.carried is recycling.empty_carried
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no-such-model"], "neither a model directory nor a model name"),
     (["--model", "small", "--limit", "0"], "--limit must be >= 1"),

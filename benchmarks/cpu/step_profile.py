@@ -3,7 +3,8 @@ attributed to the phase of the step (drafter.draft, the verify forward, verify_t
 and to the source function that emitted each operation.
 
     python benchmarks/cpu/step_profile.py --model smollm2-135m-instruct --method ar --method eagle3 \
-        [--heads auto] [--prompt-len 128] [--steps 24] > benchmarks/cpu/smollm2_step_profile.md
+        [--heads auto] [--drafter share --method share] [--prompt-len 128] [--steps 24] \
+        > benchmarks/cpu/smollm2_step_profile.md
 
 Each method runs `advance` over --steps steps of its compiled loop under `jax.profiler`; the
 trace's operation events (thunks, named after HLO instructions) are matched to the compiled
@@ -126,14 +127,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--heads", action="append", default=None)
-    parser.add_argument("--method", action="append", default=None, help="ar and/or a heads row name (eagle3, ...)")
+    parser.add_argument("--method", action="append", default=None,
+                        help="ar and/or a row name (eagle3, a --drafter spec, ...)")
+    parser.add_argument("--drafter", action="append", default=None, help="a training-free drafter's row (share, ...)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=24)
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
     model = load_hf(model_dir)
     prompt = make_prompts(model_dir, model.config.vocab_size, 1, args.prompt_len, 0)[0]
-    decoders = make_decoders(model, model_dir, args.heads or ["auto"], ["auto"], [])
+    decoders = make_decoders(model, model_dir, args.heads or ["auto"], ["auto"], args.drafter or [])
     print(f"`python benchmarks/cpu/step_profile.py {shlex.join(sys.argv[1:])}` — {args.prompt_len}-token prompt, "
           f"{args.steps} steps, {jax.devices()[0]}; ms per step (operation times summed over threads)\n")
     for method in args.method or ["ar"]:
