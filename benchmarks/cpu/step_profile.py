@@ -34,8 +34,7 @@ from jaxaccel.decoding.sampling import Greedy
 from jaxaccel.hf import load_hf
 from jaxaccel.models import resolve_model
 
-PHASES = ("decode_step", "Drafter.draft", "Drafter.commit", "verify_tree", "KVCache.keep", "DecodeResult.append",
-          "Transformer.forward")
+PHASES = ("decode_step", "verify_tree", "KVCache.keep", "DecodeResult.append", "Transformer.forward")
 
 
 def compiled_text(decoder, state, stop_ids, policy) -> str:
@@ -84,11 +83,20 @@ def instruction_stacks(hlo: str) -> dict[str, list[tuple[str, str]]]:
     return stacks
 
 
+def phase_of(function: str) -> str | None:
+    """The phase a function belongs to; any drafter's draft/commit method counts as the protocol's."""
+    if re.search(r"\.(sample_)?draft\b", function):
+        return "Drafter.draft"
+    if re.search(r"\.commit\b", function):
+        return "Drafter.commit"
+    return next((p for p in PHASES if p in function), None)
+
+
 def attribute(stack: list[tuple[str, str]]) -> tuple[str, str]:
     """(phase, innermost function) of an instruction."""
     if not stack:
         return "(no stack)", ""
-    phase = next((p for _, fn in stack for p in PHASES if p in fn), "(loop)")  # the innermost phase
+    phase = next((p for _, fn in stack if (p := phase_of(fn))), "(loop)")  # the innermost phase
     return phase, f"{stack[0][0]}:{stack[0][1]}"
 
 
