@@ -15,7 +15,7 @@ Questions that do not fit the model's context with --max-new-tokens (and the lar
 skipped and counted.
 
 Per category: tokens/s = the category's tokens over its total decode time (prefill + loop; each
-prompt-length bucket is compiled before any timing), mean accepted tokens = tokens / forward passes
+prompt-length bucket is compiled, and each method run once, before any timing), mean accepted tokens = tokens / forward passes
 (the base's own token counted), speedup = tokens/s / ar's in the same category, identical_to_ar
 (T = 0: every question's tokens equal ar's). "multi-turn conversation" pools MT-bench's eight
 categories and "overall" pools all, as Spec-Bench's leaderboard does.
@@ -106,7 +106,7 @@ def compile_buckets(decoders: dict, prompts: list[list[int]], *, policy, max_new
     for decoder, _ in decoders.values():
         for p in first_of_bucket.values():
             decoder.compile([p], policy=policy, max_new_tokens=max_new_tokens, stop_tokens=stop)
-        # The first executed call still pays one-off costs (1-3 s seen on our AR's first question).
+        # The first executed call still pays one-off costs (1.5-3.5 s seen on our AR's first question).
         decode_once(decoder, prompts[0], policy=policy, max_new_tokens=max_new_tokens, stop=stop, seed=0)
         if hasattr(decoder, "reset"):  # a drafter that learns across calls starts the timed run afresh
             decoder.reset()
