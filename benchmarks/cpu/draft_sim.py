@@ -10,11 +10,15 @@ model's greedy answer (our AR loop, cached in --answers). At every point of it t
 chains are computed by the drafters themselves (`PromptLookup.chains`, with the n-gram length it
 matched; REST's `lookup` on its store), and a step accepts the longest matching prefix of the
 chains (the union's trie). A policy picks each step's chain lengths (REST's most frequent
-continuation, its second, prompt lookup's) from that n-gram length; the `share` drafter's split
+continuation, its second, prompt lookup's) from that n-gram length and from whether the last step
+accepted all of prompt lookup's chain; the `share` drafter's split
 (`jaxaccel.drafters.share.layouts`) is one of them. Reported per policy: tokens per step (what
 `infer.spec_bench` calls mean accepted tokens) and the mean nodes a step verifies (1 + the chains'
 lengths). What a step of so many nodes costs is timed elsewhere (`infer.bench --step-costs`,
-`infer.spec_bench`). Evaluation only: nothing here trains on Spec-Bench.
+`infer.spec_bench`). The `bound` rows are no drafter: the fewest steps that cover each answer when a
+step may accept the longest of every copy prompt lookup could make and REST's continuations,
+chosen knowing the answer, so what no rule drafting from these sources in as many nodes can beat.
+Evaluation only: nothing here trains on Spec-Bench.
 A policy is chosen with `--heldout N` instead: the model's own greedy answers to N held-out training
 prompts (the last shard of each of REST's corpus directories, its store built from the others).
 """
@@ -26,6 +30,7 @@ import functools
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -34,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-MAX_DEPTH = 8
+MAX_DEPTH = 16
 
 
 def parse_args(argv=None):
@@ -137,29 +142,69 @@ def prefix_match(chain, future) -> int:
 
 def simulate(seq, policy):
     """(tokens, steps, nodes verified) of stepping along one answer under `policy`."""
-    answer, pld, pld_n, rest = seq
+    answer, pld, pld_n, rest, _ = seq
     t = tokens = steps = nodes = 0
+    copied = False  # the last step accepted all of prompt lookup's chain
     while t < len(answer):
-        first, second, depth_pld, store = policy(pld_n[t])
+        first, second, depth_pld, store = policy(pld_n[t], copied)
         future = answer[t + 1:]
         # REST's chains from the store of `store` tokens (default their own length; 1 reads 2's).
         rest_cd = rest[store or max(first, second, 2)][t]
-        accepted = max(prefix_match(pld[t][:depth_pld], future), prefix_match(rest_cd[0][:first], future),
-                       prefix_match(rest_cd[1][:second], future))
+        copy = prefix_match(pld[t][:depth_pld], future)
+        accepted = max(copy, prefix_match(rest_cd[0][:first], future), prefix_match(rest_cd[1][:second], future))
+        copied = depth_pld > 0 and copy == depth_pld
         tokens, steps, t = tokens + accepted + 1, steps + 1, t + accepted + 1
         nodes += 1 + first + second + depth_pld
     return tokens, steps, nodes
 
 
+def best_drafts(seq, depth) -> np.ndarray:
+    """[A] at each answer position, the most drafted tokens any of these would have accepted,
+    `depth` deep: every copy of the text so far that follows an earlier occurrence of the root
+    token (what prompt lookup drafts, for any choice of match and n-gram; a copy that runs into the
+    present repeats its period, as prompt lookup's does), and REST's continuations in each store."""
+    answer, _, _, rest, prompt = seq
+    text = np.asarray(list(prompt) + list(answer))
+    best = np.zeros(len(answer), np.int64)
+    for t in range(len(answer)):
+        root = len(prompt) + t
+        future = text[root + 1:root + 1 + depth]
+        best[t] = max(prefix_match(list(chain[:depth]), list(future)) for store in rest.values() for chain in store[t])
+        ends = np.nonzero(text[:root] == text[root])[0]  # earlier occurrences of the root token
+        if len(ends) and len(future):
+            period = root - ends[:, None]
+            at = ends[:, None] + 1 + np.arange(len(future))
+            at -= period * np.maximum(-(-(at - root) // period), 0)
+            best[t] = max(best[t], int(np.cumprod(text[at] == future, axis=1).sum(axis=1).max()))
+    return best
+
+
+def simulate_bound(seq, depth):
+    """(tokens, steps, nodes verified) of the fewest steps that cover the answer when a step at t
+    may accept up to `best_drafts`' count there: chosen knowing the answer, so not a drafter but
+    an upper bound on what any choice of chains from these sources, `depth` deep, accepts a step
+    (a tree of depth + 1 nodes accepts one root-to-leaf chain, so no more either)."""
+    reach = best_drafts(seq, depth)
+    steps = np.zeros(len(reach) + 1, np.int64)
+    for t in reversed(range(len(reach))):  # accepting a drafts moves the root from t to t + a + 1
+        steps[t] = 1 + steps[t + 1:t + 2 + reach[t]].min()
+    return len(reach), int(steps[0]), int(steps[0]) * (1 + depth)
+
+
 def static(depth_rest, depth_pld):
-    return lambda pld_n: (depth_rest, 0, depth_pld, None)
+    return lambda pld_n, copied: (depth_rest, 0, depth_pld, None)
+
+
+@dataclass(frozen=True)
+class Bound:
+    depth: int  # see simulate_bound
 
 
 def gated(deep_pld, min_n, small=(2, 2), rest_then=None):
     """A `deep_pld` prompt-lookup chain (beside a REST chain of `rest_then`, default small's) where
     prompt lookup matched at least `min_n` tokens, else `small`."""
     rest_then = small[0] if rest_then is None else rest_then
-    return lambda pld_n: (rest_then, 0, deep_pld, None) if pld_n >= min_n else (small[0], 0, small[1], None)
+    return lambda pld_n, copied: (rest_then, 0, deep_pld, None) if pld_n >= min_n else (small[0], 0, small[1], None)
 
 
 def shared(nodes):
@@ -168,7 +213,14 @@ def shared(nodes):
 
     drafter = Share(nodes=nodes)
     table, store = drafter.table, drafter.rest.depth
-    return lambda pld_n: (*map(int, table[pld_n]), store)
+    return lambda pld_n, copied: (*map(int, table[pld_n]), store)
+
+
+def streak(nodes, deep_pld, min_n=1):
+    """share(nodes), but prompt lookup's chain alone `deep_pld` deep where the last step accepted all
+    of its chain and it matched at least `min_n` tokens again: text that repeats itself, copied far."""
+    share = shared(nodes)
+    return lambda pld_n, copied: (0, 0, deep_pld, None) if copied and pld_n >= min_n else share(pld_n, copied)
 
 
 POLICIES = {
@@ -192,7 +244,14 @@ POLICIES = {
     "share (5 nodes)": shared(5),
     "share (7 nodes)": shared(7),
     "share (8 nodes)": shared(8),
+    # Upper bounds: the best copy, chosen knowing the answer (a chain of depth + 1 nodes).
+    "bound: any copy from the text or REST, 5 deep (6 nodes)": Bound(5),
+    "bound: any copy from the text or REST, 7 deep (8 nodes)": Bound(7),
     # More nodes where prompt lookup matched.
+    "share, but pld 11 (12 nodes) after a step that copied all of its chain": streak(6, 11),
+    "share, but pld 15 (16 nodes) after a step that copied all of its chain": streak(6, 15),
+    "share, but pld 11 after a whole copy and a 3-gram": streak(6, 11, 3),
+    "share, but pld 15 after a whole copy and a 3-gram": streak(6, 15, 3),
     "pld 8 if 3-gram, else rest 2 + pld 2": gated(8, 3),
     "pld 6 if 3-gram, else rest 2 + pld 3": gated(6, 3, (2, 3)),
 }
@@ -220,7 +279,7 @@ def main(argv=None) -> int:
         tokens_tl, length_t = positions(prompt, answer)
         pld, pld_n = pld_chains(tokens_tl, length_t, args.pld_max_ngram)
         rest = rest_chains(stores, tokens_tl, length_t, max_ngram)
-        seqs.append((subtask, (answer, pld, pld_n, rest)))
+        seqs.append((subtask, (answer, pld, pld_n, rest, prompt)))
     subtasks = sorted({s for s, _ in seqs})
     matched = np.concatenate([seq[2][:len(seq[0])] for _, seq in seqs])
     print("prompt lookup matched, share of answer positions:",
@@ -232,7 +291,7 @@ def main(argv=None) -> int:
     for name, policy in POLICIES.items():
         runs = {s: np.zeros(3) for s in subtasks}
         for subtask, seq in seqs:
-            runs[subtask] += simulate(seq, policy)
+            runs[subtask] += simulate_bound(seq, policy.depth) if isinstance(policy, Bound) else simulate(seq, policy)
         total = sum(runs.values())
         row = {"policy": name, "tokens_per_step": {s: r[0] / r[1] for s, r in runs.items()},
                "overall_tokens_per_step": total[0] / total[1], "nodes_per_step": total[2] / total[1]}

@@ -121,7 +121,7 @@ def profile(decoder, prompt, steps: int, policy=Greedy()) -> dict:
             continue
         if e["name"] == "ThunkExecutor::Execute (wait for completion)":
             wall += e.get("dur", 0)
-        if e["name"] in stacks:
+        if e["name"] in stacks and not e["name"].startswith("while"):  # a loop's event spans its body's
             phase, function = attribute(stacks[e["name"]])
             by_phase[phase] += e.get("dur", 0)
             by_function[(phase, function)] += e.get("dur", 0)
