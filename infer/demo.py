@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (python -m infer.models; default "
                    f"{DEFAULT_MODEL}; 'small': the shipped small model and heads) or model directory")
     p.add_argument("--heads", type=Path, action="append", default=[],
-                   help="heads directory, repeatable (default: the heads shipped for the model, if any)")
+                   help="heads directory, or auto (every heads shipped for the model), repeatable (default: the first "
+                        "heads shipped for the model, if any)")
     p.add_argument("--drafter", action="append", help="training-free drafter NAME[:key=value,...], repeatable "
                    f"(pld, recycling; `python -m infer.drafters` lists them; default {DEFAULT_DRAFTER_WITH_CORPUS} "
                    f"for a model whose answers REST finds, else {DEFAULT_DRAFTER}; none: no drafter)")
@@ -101,11 +102,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def shipped_for(model_dir: Path) -> list[Path]:
-    """The heads shipped for this model (checked), or none."""
+    """The first of the heads shipped for this model (checked; the manifest's order: SmolLM2's
+    EAGLE-3, whose 2-node chain adds one node to the drafter's), or none. The demo's rows stay few
+    (each costs a compile and a pass over the prompts); `--heads auto` runs every shipped one."""
     from jaxaccel.pretrained.shipped_heads import auto_heads
 
     try:
-        return auto_heads(model_dir)
+        return auto_heads(model_dir)[:1]
     except FileNotFoundError:
         return []
 
@@ -115,17 +118,19 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, list[Path], dict | N
     else the named model (prepared on first use) or directory."""
     from jaxaccel.models import resolve_model
     from jaxaccel.pretrained import shipped_heads_dirs, verify
+    from jaxaccel.pretrained.shipped_heads import resolve_heads
 
     if args.model != "small":
         model_dir = resolve_model(args.model)
-        return model_dir, args.heads or shipped_for(model_dir), None
+        return model_dir, resolve_heads(args.heads, model_dir) if args.heads else shipped_for(model_dir), None
     try:
         manifest = verify(args.shipped_dir)
     except ShippedFilesError as e:
         raise ShippedFilesError(f"{e}. Restore them (`git checkout -- {args.shipped_dir}` in a clone, or "
                                 "reinstall), or rebuild them with `python -m infer.demo --train` (about 80 minutes "
                                 "on 2 CPU cores)") from None
-    return args.shipped_dir / "model", args.heads or shipped_heads_dirs(args.shipped_dir), manifest
+    model_dir = args.shipped_dir / "model"
+    return model_dir, resolve_heads(args.heads, model_dir) if args.heads else shipped_heads_dirs(args.shipped_dir), manifest
 
 
 def make_demo_prompts(args: argparse.Namespace, model_dir: Path, tokenizer, vocab_size: int, context: int):

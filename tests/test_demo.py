@@ -30,6 +30,16 @@ def test_demo_on_the_small_shipped_model_runs_its_shipped_heads(tmp_path, capsys
     assert (tmp_path / "out" / "demo.md").read_text().startswith("model: ")
 
 
+def test_heads_auto_is_every_shipped_heads_on_its_tuned_tree():
+    """`--heads auto` expands before the tree is resolved, so each shipped heads keeps its tree.json."""
+    from jaxaccel.pretrained import shipped_heads_dirs
+
+    args = demo.parse_args(["--model", "small", "--heads", "auto"])
+    _, heads_dirs, _ = demo.resolve_inputs(args)
+    assert heads_dirs == shipped_heads_dirs() and len(heads_dirs) == 2
+    assert demo.resolve_tree_spec("auto", heads_dirs) == "auto"
+
+
 def damaged_copy(tmp_path, rel, how):
     """The shipped directory as symlinks (the 40 MB stay where they are), with `rel` deleted or
     replaced by a copy with one bit flipped."""
@@ -96,9 +106,9 @@ def test_demo_default_is_smollm2_answering_a_spec_bench_question(tmp_path):
     assert proc.stdout.startswith(f"model: {Path.home()}") or "smollm2-135m-instruct" in proc.stdout
     report = json.loads((tmp_path / "demo.json").read_text())
     assert report["chat"] and report["rows"][0]["identical_to_ar"] is True
-    # The heads shipped for it (jaxaccel/pretrained/smollm2-135m-instruct) are found, and so are its committed
-    # answers, REST's corpus; the heads, REST and prompt lookup sharing six nodes, and their union
-    # decode identically.
+    # The first heads shipped for it (jaxaccel/pretrained/smollm2-135m-instruct: EAGLE-3, then Hydra++, both
+    # stored in bfloat16) are found, and so are its committed answers, REST's corpus; the head, REST and
+    # prompt lookup sharing six nodes, and their union decode identically.
     assert [r["method"] for r in report["rows"]] == ["ar", "eagle3", "share", "eagle3+share"]
     assert all(r["identical_to_ar"] is True for r in report["rows"])
     assert len(report["sample"]["completion"].split()) >= 3, report["sample"]

@@ -74,3 +74,73 @@ def test_auto_on_the_shipped_small_model_is_its_shipped_heads():
     from jaxaccel.pretrained import SHIPPED_DIR, shipped_heads_dirs
 
     assert resolve_heads(["auto"], SHIPPED_DIR / "model") == shipped_heads_dirs()
+
+
+def test_heads_ship_in_bfloat16_and_load_as_the_rounded_weights(tmp_path):
+    """Stored narrower, the floating weights load as their bfloat16 roundings (cast back to float32);
+    the draft vocabulary's integer token map is kept exactly. Reshipping the shipped heads themselves works."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxaccel.heads import load_heads
+    from jaxaccel.heads.registry import HeadParts
+
+    config = tiny_model_dir(tmp_path / "a", 0)
+    heads_config = HeadsConfig(kind="hydra", num_heads=2, prefix_layer=True, draft_vocab_size=64)
+    heads = make_heads(heads_config, config, rngs=nnx.Rngs(3))
+    d2t = np.random.default_rng(0).choice(config.vocab_size, 64, replace=False).astype(np.int32)
+    heads.d2t[...] = jnp.asarray(d2t)
+    save_heads(heads, tmp_path / "runs" / "hydra", tmp_path / "a")
+    root = tmp_path / "pretrained"
+    root.mkdir()
+    ship_heads({"hydra": tmp_path / "runs" / "hydra"}, root / "tiny-a", ["c"], title="t")
+    full = (root / "tiny-a" / "heads" / "hydra" / "heads.safetensors").stat().st_size
+    manifest = ship_heads({"hydra": root / "tiny-a" / "heads" / "hydra"}, root / "tiny-a", ["c"], title="t",
+                          store_dtype="bfloat16")
+    shipped = root / "tiny-a" / "heads" / "hydra"
+    assert manifest["store_dtype"] == "bfloat16" and "stored in bfloat16" in (root / "tiny-a" / "README.md").read_text()
+    assert (shipped / "heads.safetensors").stat().st_size < 0.6 * full
+    assert auto_heads(tmp_path / "a", root) == [shipped]  # the manifest's hashes are of the narrowed file
+    parts = HeadParts(heads_config, config)
+    want, got = parts.params(heads), parts.params(load_heads(shipped, tmp_path / "a"))
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype, name
+        rounded = value.astype(jnp.bfloat16).astype(value.dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
+        np.testing.assert_array_equal(jax.device_get(got[name]), jax.device_get(rounded), err_msg=name)
+    np.testing.assert_array_equal(jax.device_get(got["d2t"]), d2t)
+    with pytest.raises(ValueError, match="floating dtype, got 'int8'"):
+        ship_heads({"hydra": shipped}, root / "tiny-a", ["c"], title="t", store_dtype="int8")
+    assert auto_heads(tmp_path / "a", root) == [shipped]
+
+
+@pytest.mark.parametrize("heads, message", [
+    (["hydra"], "--heads takes KIND=DIR, got 'hydra'"),
+    (["hydra=x", "hydra=y"], "names the kind 'hydra' twice"),
+])
+def test_ship_heads_cli_names_bad_input(tmp_path, capsys, heads, message):
+    from train import ship_heads as cli
+
+    (tmp_path / "commands.txt").write_text("python -m train.hydra ...\n")
+    argv = ["--model", "smollm2-135m-instruct", "--commands", str(tmp_path / "commands.txt")]
+    for spec in heads:
+        argv += ["--heads", spec]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert cli.main(["--model", "no-such-model", "--heads", "a=b", "--commands", "c"]) == 2
+    assert "unknown model name 'no-such-model'" in capsys.readouterr().err
+
+
+def test_every_shipped_model_s_heads_are_intact_and_within_the_budget():
+    from jaxaccel.pretrained.manifest import verify
+    from jaxaccel.pretrained.shipped_heads import MAX_HEADS_BYTES, shipped_roots
+
+    roots = {root.name: root for root in shipped_roots()}
+    assert {"small", "smollm2-135m-instruct"} <= roots.keys()
+    for name, root in roots.items():
+        files = verify(root)["files"]
+        heads_bytes = sum(f["bytes"] for rel, f in files.items() if rel.startswith("heads/"))
+        assert 0 < heads_bytes <= MAX_HEADS_BYTES, name
+    assert set(json.loads((roots["smollm2-135m-instruct"] / "MANIFEST.json").read_text())["heads_eval"]) == {
+        "eagle3", "hydra"}

@@ -3,6 +3,9 @@
     HEADS_DIR/heads.safetensors    head parameters by dotted name ("heads.lm_kernel", "layer.mlp.up_proj.kernel")
     HEADS_DIR/heads_config.json    {"format", "heads": HeadsConfig, "base": {"fingerprint", "config", "path"}}
 
+Floating tensors may be stored in a narrower dtype than they run in (bfloat16 halves a shipped
+file); `load_heads` casts them to the dtype asked for.
+
 The fingerprint is a SHA-256 of the base's config.json (parsed, so formatting does not count) and
 one of its weight files' bytes. Heads only make sense on the hidden states of the model they
 were distilled from, so loading them for another base model is an error (HeadsMismatchError).
@@ -67,18 +70,36 @@ def _weights_sha256(stamp: tuple[tuple[str, str, int, int], ...]) -> str:
 
 
 def save_heads(heads: Heads, heads_dir: str | os.PathLike, base_dir: str | os.PathLike,
-               fingerprint: dict[str, str] | None = None) -> Path:
-    """Writes heads.safetensors and heads_config.json (each via a temporary file and a rename)."""
+               fingerprint: dict[str, str] | None = None, store_dtype: str | None = None) -> Path:
+    """Writes heads.safetensors and heads_config.json (each via a temporary file and a rename);
+    `store_dtype` (e.g. "bfloat16"): the floating tensors' dtype on disk (default: as they are)."""
     heads_dir, base_dir = Path(heads_dir), Path(base_dir)
     heads_dir.mkdir(parents=True, exist_ok=True)
     parts = HeadParts(heads.config, _loaded_config(base_dir))
-    tensors = {name: jax.numpy.asarray(jax.device_get(v)) for name, v in parts.params(heads).items()}
+    tensors = _stored({name: jnp.asarray(jax.device_get(v)) for name, v in parts.params(heads).items()}, store_dtype)
     record = {"format": FORMAT, "heads": heads.config.to_dict(),
               "base": {"fingerprint": fingerprint or base_fingerprint(base_dir),
                        "config": _base_config_json(base_dir), "path": str(base_dir.absolute())}}
     write_atomically(heads_dir / WEIGHTS_FILE, lambda tmp: safetensors_flax.save_file(tensors, tmp))
     write_json_atomically(heads_dir / CONFIG_FILE, record)
     return heads_dir
+
+
+def store_heads_as(weights_file: str | os.PathLike, out_file: str | os.PathLike, store_dtype: str) -> Path:
+    """Rewrites a heads.safetensors with its floating tensors stored as `store_dtype` (integer ones,
+    a draft vocabulary's token map, as saved), via a temporary file and a rename."""
+    tensors = _stored(safetensors_flax.load_file(str(weights_file)), store_dtype)
+    write_atomically(Path(out_file), lambda tmp: safetensors_flax.save_file(tensors, tmp))
+    return Path(out_file)
+
+
+def _stored(tensors: dict[str, jax.Array], store_dtype: str | None) -> dict[str, jax.Array]:
+    if store_dtype is None:
+        return tensors
+    dtype = jnp.dtype(store_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"heads can only be stored in a floating dtype, got {store_dtype!r}")
+    return {name: t.astype(dtype) if jnp.issubdtype(t.dtype, jnp.floating) else t for name, t in tensors.items()}
 
 
 def read_heads_config(heads_dir: str | os.PathLike) -> tuple[HeadsConfig, dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,25 +67,33 @@ def resolve_heads(specs: Sequence[str | os.PathLike], model_dir: str | os.PathLi
 
 
 def ship_heads(heads_dirs: Mapping[str, Path], dest: str | os.PathLike, commands: Sequence[str], *,
-               title: str, max_bytes: int = MAX_HEADS_BYTES) -> dict[str, Any]:
+               title: str, max_bytes: int = MAX_HEADS_BYTES, store_dtype: str | None = None) -> dict[str, Any]:
     """Replaces `dest` with heads/KIND for each (kind, heads directory) (the files needed to run),
-    MANIFEST.json (sha256s, `commands`, each eval.json) and README.md; nothing changes if a file is
-    missing or the files would exceed `max_bytes`."""
+    MANIFEST.json (sha256s, `commands`, each eval.json) and README.md; `store_dtype` (e.g.
+    "bfloat16"): the dtype the heads' floating weights are shipped in (default: as trained).
+    Nothing changes if a file is missing or the files would exceed `max_bytes`. A source may be
+    `dest`'s own heads (reshipping them narrower)."""
+    from jaxaccel.heads.io import WEIGHTS_FILE, store_heads_as
+
     dest = Path(dest)
-    plan = {}
-    for kind, src in heads_dirs.items():
-        for required in ("heads.safetensors", "heads_config.json"):
-            if not (Path(src) / required).is_file():
-                raise FileNotFoundError(f"{src} has no {required}: not a heads directory to ship")
-        plan.update({f"heads/{kind}/{n}": Path(src) / n for n in HEADS_FILES if (Path(src) / n).is_file()})
-    total = sum(p.stat().st_size for p in plan.values())
-    if total > max_bytes:
-        raise ValueError(f"shipping {len(plan)} files of {total / 1e6:.1f} MB exceeds the budget of "
-                         f"{max_bytes / 1e6:.0f} MB")
-    evals = {k: json.loads((Path(d) / "eval.json").read_text()) if (Path(d) / "eval.json").is_file() else None
-             for k, d in heads_dirs.items()}
-    return publish(dest, plan, {"commands": list(commands), "heads_eval": evals},
-                   lambda manifest: heads_readme(title, manifest))
+    with tempfile.TemporaryDirectory(prefix=".ship-", dir=dest.parent) as narrowed:
+        plan = {}
+        for kind, src in heads_dirs.items():
+            for required in (WEIGHTS_FILE, "heads_config.json"):
+                if not (Path(src) / required).is_file():
+                    raise FileNotFoundError(f"{src} has no {required}: not a heads directory to ship")
+            plan.update({f"heads/{kind}/{n}": Path(src) / n for n in HEADS_FILES if (Path(src) / n).is_file()})
+            if store_dtype is not None:
+                plan[f"heads/{kind}/{WEIGHTS_FILE}"] = store_heads_as(
+                    Path(src) / WEIGHTS_FILE, Path(narrowed) / f"{kind}.safetensors", store_dtype)
+        total = sum(p.stat().st_size for p in plan.values())
+        if total > max_bytes:
+            raise ValueError(f"shipping {len(plan)} files of {total / 1e6:.1f} MB exceeds the budget of "
+                             f"{max_bytes / 1e6:.0f} MB")
+        evals = {k: json.loads((Path(d) / "eval.json").read_text()) if (Path(d) / "eval.json").is_file() else None
+                 for k, d in heads_dirs.items()}
+        return publish(dest, plan, {"commands": list(commands), "heads_eval": evals, "store_dtype": store_dtype},
+                       lambda manifest: heads_readme(title, manifest))
 
 
 def heads_readme(title: str, manifest: dict[str, Any]) -> str:
@@ -92,7 +101,9 @@ def heads_readme(title: str, manifest: dict[str, Any]) -> str:
     lines = [f"# {title}", "", "Made on this project's 2-core CPU machine by these commands, run in the repository "
              "root in this order:", "", "```", *manifest["commands"], "```", "",
              "`--heads auto` (infer.generate, bench, spec_bench, demo, chat) loads them for this model after "
-             "checking every file against its SHA-256 below.", "",
+             "checking every file against its SHA-256 below." + (
+                 f" The heads' weights are stored in {manifest['store_dtype']} and run in the base's dtype."
+                 if manifest.get("store_dtype") else ""), "",
              "| file | bytes | sha256 |", "|---|---:|---|"]
     lines += [f"| {rel} | {f['bytes']} | `{f['sha256']}` |" for rel, f in manifest["files"].items()]
     return "\n".join(lines) + "\n"
