@@ -110,8 +110,9 @@ def test_heads_ship_in_bfloat16_and_load_as_the_rounded_weights(tmp_path):
         rounded = value.astype(jnp.bfloat16).astype(value.dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
         np.testing.assert_array_equal(jax.device_get(got[name]), jax.device_get(rounded), err_msg=name)
     np.testing.assert_array_equal(jax.device_get(got["d2t"]), d2t)
-    with pytest.raises(ValueError, match="floating dtype, got 'int8'"):
-        ship_heads({"hydra": shipped}, root / "tiny-a", ["c"], title="t", store_dtype="int8")
+    for bad in ("int8", "bfloat61"):
+        with pytest.raises(ValueError, match=f"floating dtype .*, got '{bad}'"):
+            ship_heads({"hydra": shipped}, root / "tiny-a", ["c"], title="t", store_dtype=bad)
     assert auto_heads(tmp_path / "a", root) == [shipped]
 
 

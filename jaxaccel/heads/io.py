@@ -70,13 +70,12 @@ def _weights_sha256(stamp: tuple[tuple[str, str, int, int], ...]) -> str:
 
 
 def save_heads(heads: Heads, heads_dir: str | os.PathLike, base_dir: str | os.PathLike,
-               fingerprint: dict[str, str] | None = None, store_dtype: str | None = None) -> Path:
-    """Writes heads.safetensors and heads_config.json (each via a temporary file and a rename);
-    `store_dtype` (e.g. "bfloat16"): the floating tensors' dtype on disk (default: as they are)."""
+               fingerprint: dict[str, str] | None = None) -> Path:
+    """Writes heads.safetensors and heads_config.json (each via a temporary file and a rename)."""
     heads_dir, base_dir = Path(heads_dir), Path(base_dir)
     heads_dir.mkdir(parents=True, exist_ok=True)
     parts = HeadParts(heads.config, _loaded_config(base_dir))
-    tensors = _stored({name: jnp.asarray(jax.device_get(v)) for name, v in parts.params(heads).items()}, store_dtype)
+    tensors = {name: jnp.asarray(jax.device_get(v)) for name, v in parts.params(heads).items()}
     record = {"format": FORMAT, "heads": heads.config.to_dict(),
               "base": {"fingerprint": fingerprint or base_fingerprint(base_dir),
                        "config": _base_config_json(base_dir), "path": str(base_dir.absolute())}}
@@ -88,18 +87,16 @@ def save_heads(heads: Heads, heads_dir: str | os.PathLike, base_dir: str | os.Pa
 def store_heads_as(weights_file: str | os.PathLike, out_file: str | os.PathLike, store_dtype: str) -> Path:
     """Rewrites a heads.safetensors with its floating tensors stored as `store_dtype` (integer ones,
     a draft vocabulary's token map, as saved), via a temporary file and a rename."""
-    tensors = _stored(safetensors_flax.load_file(str(weights_file)), store_dtype)
+    try:
+        dtype = jnp.dtype(store_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"heads can only be stored in a floating dtype (bfloat16, float16, float32), got {store_dtype!r}")
+    tensors = {name: t.astype(dtype) if jnp.issubdtype(t.dtype, jnp.floating) else t
+               for name, t in safetensors_flax.load_file(str(weights_file)).items()}
     write_atomically(Path(out_file), lambda tmp: safetensors_flax.save_file(tensors, tmp))
     return Path(out_file)
-
-
-def _stored(tensors: dict[str, jax.Array], store_dtype: str | None) -> dict[str, jax.Array]:
-    if store_dtype is None:
-        return tensors
-    dtype = jnp.dtype(store_dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"heads can only be stored in a floating dtype, got {store_dtype!r}")
-    return {name: t.astype(dtype) if jnp.issubdtype(t.dtype, jnp.floating) else t for name, t in tensors.items()}
 
 
 def read_heads_config(heads_dir: str | os.PathLike) -> tuple[HeadsConfig, dict[str, Any]]:
