@@ -53,7 +53,8 @@ def _model_files(model_dir: Path) -> list[str]:
     return names
 
 
-def _heads_files(heads_dir: Path) -> list[str]:
+def heads_files(heads_dir: Path) -> list[str]:
+    """The files of a heads directory to ship (FileNotFoundError if one it needs is missing)."""
     for required in REQUIRED_HEADS_FILES:
         if not (heads_dir / required).is_file():
             raise FileNotFoundError(f"{heads_dir} has no {required}: not a heads directory to ship")
@@ -77,7 +78,7 @@ def ship(run_dir: str | os.PathLike, dest: str | os.PathLike, kinds: Sequence[st
     shown = run_dir.as_posix()
     plan = {f"model/{n}": run_dir / "model" / n for n in _model_files(run_dir / "model")}
     for kind in kinds:
-        plan.update({f"heads/{kind}/{n}": run_dir / "heads" / kind / n for n in _heads_files(run_dir / "heads" / kind)})
+        plan.update({f"heads/{kind}/{n}": run_dir / "heads" / kind / n for n in heads_files(run_dir / "heads" / kind)})
     total = sum(src.stat().st_size for src in plan.values())
     if total > max_bytes:
         raise ValueError(f"shipping {len(plan)} files of {total / 1e6:.1f} MB exceeds the budget of "

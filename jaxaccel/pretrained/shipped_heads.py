@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from jaxaccel.pretrained.manifest import MANIFEST_FILE, read_manifest, verify
-from jaxaccel.pretrained.ship import publish
+from jaxaccel.pretrained.ship import heads_files, publish
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
-HEADS_FILES = ("heads.safetensors", "heads_config.json", "eval.json", "tree.json")
 MAX_HEADS_BYTES = 48_000_000  # the repository's budget for one model's shipped heads
 
 
@@ -79,10 +78,7 @@ def ship_heads(heads_dirs: Mapping[str, Path], dest: str | os.PathLike, commands
     with tempfile.TemporaryDirectory(prefix=".ship-", dir=dest.parent) as narrowed:
         plan = {}
         for kind, src in heads_dirs.items():
-            for required in (WEIGHTS_FILE, "heads_config.json"):
-                if not (Path(src) / required).is_file():
-                    raise FileNotFoundError(f"{src} has no {required}: not a heads directory to ship")
-            plan.update({f"heads/{kind}/{n}": Path(src) / n for n in HEADS_FILES if (Path(src) / n).is_file()})
+            plan.update({f"heads/{kind}/{n}": Path(src) / n for n in heads_files(Path(src))})
             if store_dtype is not None:
                 plan[f"heads/{kind}/{WEIGHTS_FILE}"] = store_heads_as(
                     Path(src) / WEIGHTS_FILE, Path(narrowed) / f"{kind}.safetensors", store_dtype)
