@@ -90,8 +90,8 @@ def ship(run_dir: str | os.PathLike, dest: str | os.PathLike, kinds: Sequence[st
         commands.append(tune_command(shown, tuned))
 
     return publish(dest, plan, {"run_dir": shown, "commands": commands,
-                                "base_eval": _read_json(run_dir / "eval.json"),
-                                "heads_eval": {k: _read_json(run_dir / "heads" / k / "eval.json") for k in kinds}},
+                                "base_eval": read_json(run_dir / "eval.json"),
+                                "heads_eval": {k: read_json(run_dir / "heads" / k / "eval.json") for k in kinds}},
                    readme)
 
 
@@ -116,7 +116,8 @@ def publish(dest: Path, plan: dict[str, Path], fields: dict[str, Any], readme_of
     return manifest
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's object, or None where there is no such file (heads never evaluated)."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxaccel.pretrained.manifest import MANIFEST_FILE, read_manifest, verify
-from jaxaccel.pretrained.ship import heads_files, publish
+from jaxaccel.pretrained.ship import heads_files, publish, read_json
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 MAX_HEADS_BYTES = 48_000_000  # the repository's budget for one model's shipped heads
@@ -86,8 +86,7 @@ def ship_heads(heads_dirs: Mapping[str, Path], dest: str | os.PathLike, commands
         if total > max_bytes:
             raise ValueError(f"shipping {len(plan)} files of {total / 1e6:.1f} MB exceeds the budget of "
                              f"{max_bytes / 1e6:.0f} MB")
-        evals = {k: json.loads((Path(d) / "eval.json").read_text()) if (Path(d) / "eval.json").is_file() else None
-                 for k, d in heads_dirs.items()}
+        evals = {k: read_json(Path(d) / "eval.json") for k, d in heads_dirs.items()}
         return publish(dest, plan, {"commands": list(commands), "heads_eval": evals, "store_dtype": store_dtype},
                        lambda manifest: heads_readme(title, manifest))
 
