@@ -117,7 +117,7 @@ def publish(dest: Path, plan: dict[str, Path], fields: dict[str, Any], readme_of
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file's object, or None where there is no such file (heads never evaluated)."""
+    """A JSON file's object, or None where there is no such file (a run or heads never evaluated)."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
